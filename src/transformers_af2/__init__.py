@@ -1,0 +1,35 @@
+"""Audio Flamingo 2 as a first-class transformers model.
+
+Importing this package registers AF2 with transformers' Auto classes (config, model, feature extractor,
+processor), so `AutoModel.from_pretrained(converted_dir)` and friends work.
+"""
+
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForMultimodalLM, AutoProcessor
+
+from .modeling import (
+    AudioFlamingo2Cache,
+    AudioFlamingo2Config,
+    AudioFlamingo2ForConditionalGeneration,
+    AudioFlamingo2Model,
+    AudioFlamingo2PreTrainedModel,
+)
+from .processing import AudioFlamingo2FeatureExtractor, AudioFlamingo2Processor
+
+__version__ = "0.1.0"
+
+AutoConfig.register(AudioFlamingo2Config.model_type, AudioFlamingo2Config, exist_ok=True)
+# Users write AutoModel.from_pretrained(...) and then generate(): both Auto classes give the generation model.
+AutoModel.register(AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration, exist_ok=True)
+AutoModelForMultimodalLM.register(AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration, exist_ok=True)
+AutoFeatureExtractor.register(AudioFlamingo2Config, AudioFlamingo2FeatureExtractor, exist_ok=True)
+AutoProcessor.register(AudioFlamingo2Config, AudioFlamingo2Processor, exist_ok=True)
+
+__all__ = [
+    "AudioFlamingo2Cache",
+    "AudioFlamingo2Config",
+    "AudioFlamingo2FeatureExtractor",
+    "AudioFlamingo2ForConditionalGeneration",
+    "AudioFlamingo2Model",
+    "AudioFlamingo2PreTrainedModel",
+    "AudioFlamingo2Processor",
+]

@@ -1,0 +1,590 @@
+"""Audio Flamingo 2 in transformers: HTSAT tower -> audio transformer -> Qwen2 with gated cross-attention.
+
+Data flow of one forward pass:
+
+    input_features (B, W, frames, mels), input_features_mask (B, W)
+      -> audio_tower (transformers' ClapAudioEncoder, run on the valid windows only)   (n_valid, T, D)
+      -> audio_transformer over each sample's concatenated window tokens              (B, W*T, D)
+      -> in every decoder layer listed in `config.cross_attention_layers`: the audio keys/values of that layer,
+         computed once and kept in `AudioFlamingo2Cache`, are attended to by every text position before the
+         unchanged Qwen2 decoder layer runs.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from transformers import ClapAudioConfig, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.models.clap.modeling_clap import ClapAudioEncoder
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2DecoderLayer,
+    Qwen2Model,
+    Qwen2PreTrainedModel,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+)
+from transformers.utils import logging
+
+from .configuration_audioflamingo2 import AudioFlamingo2Config
+
+logger = logging.get_logger(__name__)
+
+
+class AudioFlamingo2Cache(DynamicCache):
+    """
+    A `DynamicCache` for the language model's self-attention that also holds, per cross-attention layer, the audio
+    keys/values and the audio token mask.
+
+    The audio tokens do not change while a sequence is decoded, so their keys/values are projected once (at the
+    first forward of a `generate` call) and read back at every later step. They follow every batch operation of the
+    self-attention cache (beam reordering, batch expansion, batch selection), so each row keeps its own audio.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # layer index -> (keys (B, heads, N, head_dim), values (B, heads, N, head_dim), mask (B, N) bool)
+        self.audio_states: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def has_audio(self) -> bool:
+        return len(self.audio_states) > 0
+
+    def set_audio_states(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        self.audio_states[layer_idx] = (keys, values, mask)
+
+    def get_audio_states(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        return self.audio_states.get(layer_idx)
+
+    def _map_audio_states(self, fn) -> None:
+        self.audio_states = {idx: tuple(fn(t) for t in states) for idx, states in self.audio_states.items()}
+
+    def reset(self) -> None:
+        super().reset()
+        self.audio_states = {}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_audio_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_audio_states(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_audio_states(lambda t: t[indices, ...])
+
+
+class AudioFlamingo2AudioRotaryEmbedding(nn.Module):
+    """Rotary frequencies of the audio transformer, applied to the first `rotary_dim` dims of each head."""
+
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__()
+        self.rotary_dim = config.audio_transformer_rotary_dim
+        self.base = config.audio_transformer_rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device) / self.rotary_dim
+        return 1.0 / (self.base**exponents)
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `cos`, `sin` of shape `(seq_len, rotary_dim)` in float32."""
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq.to(device=device, dtype=torch.float32))
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        return freqs.cos(), freqs.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the leading `cos.shape[-1]` dims of `x` (B, heads, N, head_dim); the rest pass through. Computed in
+    float32 like the original, then cast back."""
+    rotary_dim = cos.shape[-1]
+    rotated, passthrough = x[..., :rotary_dim], x[..., rotary_dim:]
+    rotated_fp32 = rotated.float()
+    rotated_fp32 = rotated_fp32 * cos + _rotate_half(rotated_fp32) * sin
+    return torch.cat((rotated_fp32.to(x.dtype), passthrough), dim=-1)
+
+
+class AudioFlamingo2AudioSelfAttention(nn.Module):
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__()
+        dim = config.audio_hidden_size
+        self.num_heads = config.audio_transformer_num_heads
+        self.head_dim = dim // self.num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """hidden_states (B, N, D); attention_mask (B, 1, 1, N) bool, True where a key may be attended to."""
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = rotary
+        query = apply_partial_rotary(query, cos, sin)
+        key = apply_partial_rotary(key, cos, sin)
+        attn = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        return self.o_proj(attn.transpose(1, 2).reshape(batch, length, -1))
+
+
+class AudioFlamingo2AudioTransformerLayer(nn.Module):
+    """Post-norm encoder layer: attention + residual -> LayerNorm, ReLU FFN + residual -> LayerNorm."""
+
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__()
+        dim = config.audio_hidden_size
+        eps = config.audio_transformer_layer_norm_eps
+        self.self_attn = AudioFlamingo2AudioSelfAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(dim, config.audio_transformer_intermediate_size)
+        self.fc2 = nn.Linear(config.audio_transformer_intermediate_size, dim)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, hidden_states, attention_mask, rotary):
+        hidden_states = self.self_attn_layer_norm(hidden_states + self.self_attn(hidden_states, attention_mask, rotary))
+        feed_forward = self.fc2(F.relu(self.fc1(hidden_states)))
+        return self.final_layer_norm(hidden_states + feed_forward)
+
+
+class AudioFlamingo2AudioTransformer(nn.Module):
+    """
+    Self-attention over all window tokens of a sample, so that windows see each other before the LM reads them.
+    Input scaled by sqrt(D) and LayerNorm-ed; no positional table, positions enter through partial rotary.
+    """
+
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__()
+        dim = config.audio_hidden_size
+        self.embed_scale = dim**0.5
+        self.layer_norm = nn.LayerNorm(dim, eps=config.audio_transformer_layer_norm_eps)
+        self.rotary_emb = AudioFlamingo2AudioRotaryEmbedding(config)
+        self.layers = nn.ModuleList(
+            [AudioFlamingo2AudioTransformerLayer(config) for _ in range(config.audio_transformer_num_layers)]
+        )
+        self.gradient_checkpointing = False
+
+    def forward(self, audio_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """audio_embeds (B, N, D); attention_mask (B, N) bool. Returns (B, N, D)."""
+        hidden_states = self.layer_norm(audio_embeds * self.embed_scale)
+        rotary = self.rotary_emb(hidden_states.shape[1], hidden_states.device)
+        key_mask = attention_mask[:, None, None, :]
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden_states = torch.utils.checkpoint.checkpoint(
+                    layer, hidden_states, key_mask, rotary, use_reentrant=False
+                )
+            else:
+                hidden_states = layer(hidden_states, key_mask, rotary)
+        return hidden_states
+
+
+class AudioFlamingo2GatedCrossAttention(nn.Module):
+    """
+    Flamingo's gated cross-attention block: text positions attend to all audio tokens of their sample, then a
+    feed-forward; each branch enters the residual stream through `tanh(gate)`, gates initialised to zero so an
+    untrained block leaves the language model unchanged.
+    """
+
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__()
+        dim = config.text_config.hidden_size
+        self.text_config = config.text_config
+        self.num_heads = config.cross_attention_num_heads
+        self.head_dim = config.cross_attention_head_dim
+        inner_dim = self.num_heads * self.head_dim
+        eps = config.cross_attention_layer_norm_eps
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.q_proj = nn.Linear(dim, inner_dim, bias=False)
+        self.kv_proj = nn.Linear(config.audio_hidden_size, 2 * inner_dim, bias=False)
+        self.o_proj = nn.Linear(inner_dim, dim, bias=False)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff_norm = nn.LayerNorm(dim, eps=eps)
+        self.ff_up = nn.Linear(dim, dim * config.cross_attention_ff_mult, bias=False)
+        self.ff_down = nn.Linear(dim * config.cross_attention_ff_mult, dim, bias=False)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def project_audio(self, audio_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """audio_embeds (B, N, D_audio) -> keys, values, each (B, heads, N, head_dim)."""
+        batch, length, _ = audio_embeds.shape
+        keys, values = self.kv_proj(audio_embeds).chunk(2, dim=-1)
+        shape = (batch, length, self.num_heads, self.head_dim)
+        return keys.reshape(shape).transpose(1, 2), values.reshape(shape).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        audio_keys: torch.Tensor,
+        audio_values: torch.Tensor,
+        audio_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """hidden_states (B, L, dim); audio_keys/values (B, heads, N, head_dim); audio_mask (B, N) bool."""
+        batch, length, _ = hidden_states.shape
+        query = self.q_proj(self.norm(hidden_states))
+        query = query.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        key_mask = audio_mask[:, None, None, :]
+        if self.text_config._attn_implementation == "eager":
+            scores = torch.matmul(query * self.head_dim**-0.5, audio_keys.transpose(-1, -2))
+            scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+            attn = torch.matmul(scores.softmax(dim=-1), audio_values)
+        else:
+            attn = F.scaled_dot_product_attention(query, audio_keys, audio_values, attn_mask=key_mask)
+        attn = self.o_proj(attn.transpose(1, 2).reshape(batch, length, -1))
+        hidden_states = hidden_states + self.attn_gate.tanh() * attn
+        feed_forward = self.ff_down(F.gelu(self.ff_up(self.ff_norm(hidden_states))))
+        return hidden_states + self.ff_gate.tanh() * feed_forward
+
+
+class AudioFlamingo2DecoderLayer(Qwen2DecoderLayer):
+    """A Qwen2 decoder layer preceded, where the config says so, by a gated cross-attention block over the audio."""
+
+    def __init__(self, config: AudioFlamingo2Config, layer_idx: int):
+        super().__init__(config.text_config, layer_idx)
+        self.layer_idx = layer_idx
+        has_cross_attention = layer_idx in config.cross_attention_layers
+        self.cross_attn = AudioFlamingo2GatedCrossAttention(config) if has_cross_attention else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        audio_embeds: torch.Tensor | None = None,
+        audio_attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """
+        audio_embeds (B, N, D_audio) and audio_attention_mask (B, N) are given on the forward that brings the audio;
+        their keys/values are then stored in `past_key_values` (an `AudioFlamingo2Cache`) and read back on later
+        decoding steps, which pass no audio.
+        """
+        if self.cross_attn is not None:
+            audio_states = None
+            if audio_embeds is not None:
+                keys, values = self.cross_attn.project_audio(audio_embeds)
+                audio_states = (keys, values, audio_attention_mask)
+                if isinstance(past_key_values, AudioFlamingo2Cache):
+                    past_key_values.set_audio_states(self.layer_idx, *audio_states)
+            elif isinstance(past_key_values, AudioFlamingo2Cache):
+                audio_states = past_key_values.get_audio_states(self.layer_idx)
+            if audio_states is not None:
+                hidden_states = self.cross_attn(hidden_states, *audio_states)
+        return super().forward(hidden_states, past_key_values=past_key_values, **kwargs)
+
+
+class AudioFlamingo2PreTrainedModel(PreTrainedModel):
+    config: AudioFlamingo2Config
+    config_class = AudioFlamingo2Config
+    base_model_prefix = "model"
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AudioFlamingo2DecoderLayer", "ClapAudioStage", "AudioFlamingo2AudioTransformerLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, AudioFlamingo2GatedCrossAttention):
+            # Zero gates: a freshly initialised block leaves the language model's output unchanged.
+            module.attn_gate.zero_()
+            module.ff_gate.zero_()
+        elif isinstance(module, AudioFlamingo2AudioRotaryEmbedding):
+            module.inv_freq.copy_(module.compute_inv_freq(module.inv_freq.device))
+
+
+class AudioFlamingo2TextModel(Qwen2Model):
+    """Qwen2Model whose decoder layers carry AF2's gated cross-attention; its forward is Qwen2Model's own, which
+    passes `audio_embeds` / `audio_attention_mask` keyword arguments through to every layer."""
+
+    def __init__(self, config: AudioFlamingo2Config):
+        text_config = config.text_config
+        Qwen2PreTrainedModel.__init__(self, text_config)
+        self.padding_idx = text_config.pad_token_id
+        self.vocab_size = text_config.vocab_size
+        self.embed_tokens = nn.Embedding(text_config.vocab_size, text_config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [AudioFlamingo2DecoderLayer(config, layer_idx) for layer_idx in range(text_config.num_hidden_layers)]
+        )
+        self.norm = Qwen2RMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config=text_config)
+        self.gradient_checkpointing = False
+        self.has_sliding_layers = "sliding_attention" in text_config.layer_types
+        self.post_init()
+
+
+@dataclass
+class AudioFlamingo2ModelOutputWithPast(BaseModelOutputWithPast):
+    """`audio_embeds` (B, N, D_audio): the audio transformer's output, when audio was given."""
+
+    audio_embeds: torch.Tensor | None = None
+
+
+@dataclass
+class AudioFlamingo2CausalLMOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    audio_embeds: torch.Tensor | None = None
+
+
+class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__(config)
+        self.audio_tower = ClapAudioEncoder(config.audio_config)
+        self.audio_transformer = AudioFlamingo2AudioTransformer(config)
+        self.language_model = AudioFlamingo2TextModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def _check_audio_inputs(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None):
+        audio_config: ClapAudioConfig = self.config.audio_config
+        if input_features.ndim != 4 or input_features.shape[-1] != audio_config.num_mel_bins:
+            raise ValueError(
+                "input_features must have shape (batch, windows, frames, "
+                f"{audio_config.num_mel_bins}) as the AudioFlamingo2 processor returns it; got "
+                f"{tuple(input_features.shape)}."
+            )
+        if input_features_mask is not None:
+            if input_features_mask.shape != input_features.shape[:2]:
+                raise ValueError(
+                    f"input_features_mask must have shape (batch, windows) = {tuple(input_features.shape[:2])}; got "
+                    f"{tuple(input_features_mask.shape)}."
+                )
+            empty = (~input_features_mask.bool()).all(dim=1).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(
+                    f"input_features_mask marks no window as valid for batch index(es) {empty}: every sample needs "
+                    "at least one audio window."
+                )
+
+    def get_audio_features(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Encodes audio windows into the tokens the language model attends to.
+
+        Args:
+            input_features: `(batch, windows, frames, mels)` log-mel windows from the feature extractor.
+            input_features_mask: `(batch, windows)`, 1 for a real window, 0 for batch padding (never encoded).
+
+        Returns:
+            `audio_embeds` `(batch, windows * tokens_per_window, D)` and the token mask `(batch, windows *
+            tokens_per_window)` (bool).
+        """
+        self._check_audio_inputs(input_features, input_features_mask)
+        batch, windows = input_features.shape[:2]
+        if input_features_mask is None:
+            window_mask = torch.ones(batch, windows, dtype=torch.bool, device=input_features.device)
+        else:
+            window_mask = input_features_mask.to(device=input_features.device, dtype=torch.bool)
+        tower_dtype = self.audio_tower.norm.weight.dtype
+        valid_windows = input_features[window_mask].to(tower_dtype)  # (n_valid, frames, mels)
+        # The tower expects (n, channels, frames, mels); AF2 uses the single-channel ("not longer") path.
+        tower_out = self.audio_tower(valid_windows.unsqueeze(1)).last_hidden_state  # (n_valid, D, F', T')
+        window_tokens = tower_out.flatten(2).transpose(1, 2)  # (n_valid, tokens_per_window, D)
+        tokens_per_window, dim = window_tokens.shape[1:]
+        all_windows = window_tokens.new_zeros(batch, windows, tokens_per_window, dim)
+        all_windows[window_mask] = window_tokens
+        token_mask = window_mask.repeat_interleave(tokens_per_window, dim=1)
+        audio_embeds = self.audio_transformer(all_windows.view(batch, windows * tokens_per_window, dim), token_mask)
+        return audio_embeds, token_mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> AudioFlamingo2ModelOutputWithPast:
+        audio_embeds = audio_attention_mask = None
+        if input_features is not None:
+            audio_embeds, audio_attention_mask = self.get_audio_features(input_features, input_features_mask)
+            batch = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+            if audio_embeds.shape[0] != batch:
+                raise ValueError(
+                    f"input_features has {audio_embeds.shape[0]} samples but the text has {batch}: pass one audio "
+                    "(with its windows) per text row."
+                )
+            if past_key_values is not None and not isinstance(past_key_values, AudioFlamingo2Cache):
+                raise ValueError(
+                    f"past_key_values is a {type(past_key_values).__name__}, which cannot hold the audio keys/values; "
+                    "pass an AudioFlamingo2Cache (or none, and one is created)."
+                )
+        if use_cache is None:
+            use_cache = self.config.text_config.use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = AudioFlamingo2Cache(config=self.config.text_config)
+
+        outputs = self.language_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            audio_embeds=audio_embeds,
+            audio_attention_mask=audio_attention_mask,
+            **kwargs,
+        )
+        return AudioFlamingo2ModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            audio_embeds=audio_embeds,
+        )
+
+
+class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: AudioFlamingo2Config):
+        super().__init__(config)
+        self.model = AudioFlamingo2Model(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_audio_features(self, input_features, input_features_mask=None):
+        """See [`AudioFlamingo2Model.get_audio_features`]."""
+        return self.model.get_audio_features(input_features, input_features_mask)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> AudioFlamingo2CausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids: `(batch, seq)` token ids; the prompt starts with `<audio>`.
+            input_features: `(batch, windows, frames, mels)` log-mel windows; needed on the first forward of a
+                sequence, after which the audio lives in `past_key_values`.
+            input_features_mask: `(batch, windows)`, 0 for windows that only pad the batch.
+            labels: `(batch, seq)`, -100 where no loss is taken; shifted inside like any causal LM.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return AudioFlamingo2CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            audio_embeds=outputs.audio_embeds,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """
+        Loads a converted repository as usual. A directory or hub id in NVIDIA's original layout (`safe_ckpt/`,
+        `clap_ckpt/`) is converted first and the result cached (see `transformers_af2.convert`); the conversion
+        options `original_config` (the original inference YAML), `tokenizer`, `lm_config` and `lm_weights` may be
+        given as keyword arguments.
+        """
+        from ..convert import convert_checkpoint, converted_cache_path, is_original_layout
+
+        options = {k: kwargs.pop(k) for k in ("original_config", "tokenizer", "lm_config", "lm_weights") if k in kwargs}
+        if is_original_layout(pretrained_model_name_or_path):
+            cached = converted_cache_path(pretrained_model_name_or_path, **options)
+            if not (cached / "config.json").is_file():
+                logger.warning(f"Converting {pretrained_model_name_or_path} from the original layout into {cached}.")
+                convert_checkpoint(
+                    pretrained_model_name_or_path,
+                    cached,
+                    config=options.get("original_config"),
+                    tokenizer=options.get("tokenizer"),
+                    lm_config=options.get("lm_config"),
+                    lm_weights=options.get("lm_weights"),
+                )
+            pretrained_model_name_or_path = cached
+        elif options:
+            raise ValueError(
+                f"{sorted(options)} are conversion options, only for checkpoints in the original layout; "
+                f"{pretrained_model_name_or_path} is not one."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        # generate() builds a plain DynamicCache; AF2 needs the variant that also carries the audio keys/values.
+        if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+            model_kwargs["past_key_values"] = AudioFlamingo2Cache(config=self.config.get_text_config(decoder=True))
+
+
+__all__ = [
+    "AudioFlamingo2Cache",
+    "AudioFlamingo2ForConditionalGeneration",
+    "AudioFlamingo2Model",
+    "AudioFlamingo2PreTrainedModel",
+]
