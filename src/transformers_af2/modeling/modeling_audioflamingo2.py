@@ -19,6 +19,7 @@ from torch import nn
 from transformers import ClapAudioConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clap.modeling_clap import ClapAudioEncoder
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2DecoderLayer,
@@ -115,9 +116,40 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return torch.cat((rotated_fp32.to(x.dtype), passthrough), dim=-1)
 
 
+def eager_masked_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention with a boolean key mask (True = attend); returns (B, L, heads, head_dim) and the weights."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def audio_attention(module, config, query, key, value, key_mask) -> torch.Tensor:
+    """Non-causal attention of `query` over all `key`s allowed by `key_mask` (B, 1, 1, N) through the attention
+    backend chosen in `config` (eager, sdpa, ...). Returns (B, L, heads * head_dim)."""
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_masked_attention)
+    output, _ = interface(module, query, key, value, key_mask, scaling=query.shape[-1] ** -0.5, dropout=0.0)
+    return output.reshape(*output.shape[:2], -1)
+
+
 class AudioFlamingo2AudioSelfAttention(nn.Module):
+    is_causal = False
+    num_key_value_groups = 1
+
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__()
+        self.config = config
         dim = config.audio_hidden_size
         self.num_heads = config.audio_transformer_num_heads
         self.head_dim = dim // self.num_heads
@@ -141,8 +173,7 @@ class AudioFlamingo2AudioSelfAttention(nn.Module):
         cos, sin = rotary
         query = apply_partial_rotary(query, cos, sin)
         key = apply_partial_rotary(key, cos, sin)
-        attn = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        return self.o_proj(attn.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(audio_attention(self, self.config, query, key, value, attention_mask))
 
 
 class AudioFlamingo2AudioTransformerLayer(nn.Module):
@@ -203,6 +234,9 @@ class AudioFlamingo2GatedCrossAttention(nn.Module):
     untrained block leaves the language model unchanged.
     """
 
+    is_causal = False
+    num_key_value_groups = 1
+
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__()
         dim = config.text_config.hidden_size
@@ -240,13 +274,7 @@ class AudioFlamingo2GatedCrossAttention(nn.Module):
         query = self.q_proj(self.norm(hidden_states))
         query = query.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         key_mask = audio_mask[:, None, None, :]
-        if self.text_config._attn_implementation == "eager":
-            scores = torch.matmul(query * self.head_dim**-0.5, audio_keys.transpose(-1, -2))
-            scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
-            attn = torch.matmul(scores.softmax(dim=-1), audio_values)
-        else:
-            attn = F.scaled_dot_product_attention(query, audio_keys, audio_values, attn_mask=key_mask)
-        attn = self.o_proj(attn.transpose(1, 2).reshape(batch, length, -1))
+        attn = self.o_proj(audio_attention(self, self.text_config, query, audio_keys, audio_values, key_mask))
         hidden_states = hidden_states + self.attn_gate.tanh() * attn
         feed_forward = self.ff_down(F.gelu(self.ff_up(self.ff_norm(hidden_states))))
         return hidden_states + self.ff_gate.tanh() * feed_forward

@@ -1,0 +1,277 @@
+"""Invariants of the model on tiny random configs: caching, batching, beams, gates, backends, save/load, errors."""
+
+import pytest
+import torch
+from conftest import random_audio_inputs, tiny_config, tiny_model
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, Qwen2ForCausalLM
+
+import transformers_af2
+from transformers_af2 import AudioFlamingo2Cache, AudioFlamingo2ForConditionalGeneration
+
+
+def _prompts(lengths, audio_token_id=95, pad_id=97, seed=0):
+    """Left-padded prompts starting with <audio>, with their attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length] = audio_token_id
+        ids[row, width - length + 1 :] = torch.randint(0, 90, (length - 1,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+def _greedy(model, **inputs):
+    return model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=97, eos_token_id=None)
+
+
+def test_config_derives_cross_attention_layers_and_rotary_dim():
+    config = tiny_config()
+    assert config.cross_attention_layers == [1]  # (i + 1) % 2 == 0 for 3 layers
+    assert config.audio_hidden_size == 64
+    assert config.audio_transformer_rotary_dim == 32  # max(head_dim // 2, 32) with head_dim 32
+    assert config.audio_tokens_per_window == 64
+    model = tiny_model()
+    blocks = [layer.cross_attn is not None for layer in model.model.language_model.layers]
+    assert blocks == [False, True, False]
+
+
+def test_config_rejects_inconsistent_architecture():
+    # @strict configs wrap validate_architecture's ValueError in huggingface_hub's validation error.
+    invalid = (ValueError, StrictDataclassClassValidationError)
+    with pytest.raises(invalid, match="audio_transformer_num_heads=3"):
+        tiny_config(audio_transformer_num_heads=3)
+    with pytest.raises(invalid, match="outside the language model"):
+        tiny_config(cross_attention_layers=[0, 7])
+
+
+def test_forward_shapes_and_finite_loss():
+    model = tiny_model()
+    features, features_mask = random_audio_inputs([2, 1])
+    ids, mask = _prompts([7, 5])
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask,
+                labels=labels)
+    assert out.logits.shape == (2, 7, 99)
+    assert out.audio_embeds.shape == (2, 2 * 64, 64)
+    assert torch.isfinite(out.loss) and out.loss.item() > 0
+    assert isinstance(out.past_key_values, AudioFlamingo2Cache) and out.past_key_values.has_audio
+
+
+def test_audio_changes_the_output_and_padded_windows_do_not():
+    model = tiny_model()
+    ids, mask = _prompts([6])
+    features, features_mask = random_audio_inputs([1])
+    other, _ = random_audio_inputs([1], seed=5)
+    logits = model(input_ids=ids, input_features=features, input_features_mask=features_mask).logits
+    logits_other = model(input_ids=ids, input_features=other, input_features_mask=features_mask).logits
+    assert (logits - logits_other).abs().max() > 1e-3
+    # Padding with a garbage second window (mask 0) must not change anything.
+    padded = torch.cat([features, torch.randn_like(features) * 100], dim=1)
+    logits_padded = model(input_ids=ids, input_features=padded, input_features_mask=torch.tensor([[1, 0]])).logits
+    torch.testing.assert_close(logits_padded, logits, atol=1e-5, rtol=0)
+
+
+def test_generate_with_and_without_cache_agree():
+    model = tiny_model()
+    features, features_mask = random_audio_inputs([3, 1])
+    ids, mask = _prompts([6, 4])
+    inputs = dict(input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask)
+    with_cache = _greedy(model, **inputs, use_cache=True)
+    without_cache = _greedy(model, **inputs, use_cache=False)
+    assert with_cache.shape == (2, 12)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_audio_is_encoded_once_per_generate():
+    model = tiny_model()
+    calls = []
+    model.model.audio_tower.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    features, features_mask = random_audio_inputs([3, 1])
+    ids, mask = _prompts([6, 4])
+    _greedy(model, input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask)
+    assert calls == [4]  # one tower call, on the 4 valid windows only (the padded one is never encoded)
+
+
+def test_batched_generate_equals_one_by_one():
+    model = tiny_model()
+    counts, lengths = [3, 1, 2], [6, 4, 5]
+    features, features_mask = random_audio_inputs(counts)
+    ids, mask = _prompts(lengths)
+    batched = _greedy(model, input_ids=ids, attention_mask=mask, input_features=features,
+                      input_features_mask=features_mask)
+    for row, (count, length) in enumerate(zip(counts, lengths)):
+        single = _greedy(
+            model,
+            input_ids=ids[row : row + 1, -length:],
+            attention_mask=mask[row : row + 1, -length:],
+            input_features=features[row : row + 1, :count],
+            input_features_mask=features_mask[row : row + 1, :count],
+        )
+        assert torch.equal(batched[row, -6:], single[0, -6:]), f"row {row}"
+
+
+def test_beam_search_keeps_each_rows_audio():
+    model = tiny_model()
+    counts, lengths = [3, 2], [5, 5]
+    features, features_mask = random_audio_inputs(counts)
+    ids, mask = _prompts(lengths)
+    kwargs = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=97,
+                  eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    batched = model.generate(input_ids=ids, attention_mask=mask, input_features=features,
+                             input_features_mask=features_mask, **kwargs)
+    assert batched.sequences.shape == (4, 10)
+    for row, count in enumerate(counts):
+        single = model.generate(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1],
+                                input_features=features[row : row + 1, :count],
+                                input_features_mask=features_mask[row : row + 1, :count], **kwargs)
+        assert torch.equal(batched.sequences[2 * row : 2 * row + 2], single.sequences)
+        torch.testing.assert_close(batched.sequences_scores[2 * row : 2 * row + 2], single.sequences_scores)
+
+
+def test_sampling_and_num_return_sequences():
+    model = tiny_model()
+    features, features_mask = random_audio_inputs([2])
+    ids, mask = _prompts([5])
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=mask, input_features=features,
+                         input_features_mask=features_mask, do_sample=True, top_k=30, top_p=0.95,
+                         num_return_sequences=3, max_new_tokens=4, pad_token_id=97, eos_token_id=None)
+    assert out.shape == (3, 9)
+    assert torch.equal(out[:, :5], ids.expand(3, -1))
+
+
+def test_zero_gates_equal_the_bare_qwen2_lm():
+    model = tiny_model(nonzero_gates=False)
+    bare = Qwen2ForCausalLM(model.config.text_config).eval()
+    state = {k.removeprefix("model.language_model."): v for k, v in model.state_dict().items()
+             if k.startswith("model.language_model.") and ".cross_attn." not in k}
+    bare.model.load_state_dict(state)
+    bare.lm_head.weight.data.copy_(model.lm_head.weight.data)
+    features, features_mask = random_audio_inputs([2])
+    ids, _ = _prompts([8])
+    ours = model(input_ids=ids, input_features=features, input_features_mask=features_mask).logits
+    reference = bare(input_ids=ids).logits
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
+
+
+def test_eager_equals_sdpa():
+    features, features_mask = random_audio_inputs([2, 1])
+    ids, mask = _prompts([6, 4])
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        model = tiny_model(seed=3)
+        model.set_attn_implementation(implementation)
+        assert model.config.text_config._attn_implementation == implementation
+        out = model(input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask)
+        logits[implementation] = out.logits[mask.bool()]
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_round_trip_through_auto_classes(tmp_path):
+    model = tiny_model(seed=1)
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "audioflamingo2"
+    features, features_mask = random_audio_inputs([2])
+    ids, _ = _prompts([6])
+    expected = model(input_ids=ids, input_features=features, input_features_mask=features_mask).logits
+    for auto_class in (AutoModel, AutoModelForMultimodalLM):
+        loaded = auto_class.from_pretrained(tmp_path).eval()
+        assert isinstance(loaded, AudioFlamingo2ForConditionalGeneration)
+        got = loaded(input_ids=ids, input_features=features, input_features_mask=features_mask).logits
+        assert torch.equal(got, expected)
+
+
+def test_bfloat16_load_and_generate(tmp_path):
+    tiny_model(seed=1).save_pretrained(tmp_path)
+    model = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.audio_tower.norm.weight.dtype == torch.bfloat16
+    features, features_mask = random_audio_inputs([2])
+    ids, mask = _prompts([6])
+    out = model(input_ids=ids, input_features=features, input_features_mask=features_mask)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    generated = _greedy(model, input_ids=ids, attention_mask=mask, input_features=features,
+                        input_features_mask=features_mask)
+    assert generated.shape == (1, 12)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    features, features_mask = random_audio_inputs([2, 1])
+    ids, mask = _prompts([6, 4])
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = {}
+    for checkpointing in (False, True):
+        model = tiny_model(seed=2).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        loss = model(input_ids=ids, attention_mask=mask, input_features=features,
+                     input_features_mask=features_mask, labels=labels, use_cache=False).loss
+        loss.backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    assert any(n.startswith("model.audio_transformer.") for n in grads[True])
+    assert any(n.startswith("model.audio_tower.") for n in grads[True])
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_cache_follows_batch_operations():
+    model = tiny_model()
+    features, features_mask = random_audio_inputs([2, 1])
+    ids, mask = _prompts([5, 5])
+    cache = model(input_ids=ids, attention_mask=mask, input_features=features,
+                  input_features_mask=features_mask, use_cache=True).past_key_values
+    keys, _, audio_mask = cache.get_audio_states(1)
+    cache.batch_repeat_interleave(2)
+    assert cache.get_audio_states(1)[0].shape[0] == 4
+    cache.reorder_cache(torch.tensor([3, 2, 1, 0]))
+    reordered_keys, _, reordered_mask = cache.get_audio_states(1)
+    assert torch.equal(reordered_keys[0], keys[1]) and torch.equal(reordered_keys[3], keys[0])
+    assert torch.equal(reordered_mask[0], audio_mask[1])
+    cache.batch_select_indices(torch.tensor([3]))
+    assert torch.equal(cache.get_audio_states(1)[0][0], keys[0])
+
+
+@pytest.mark.parametrize(
+    ("features_shape", "mask_shape", "message"),
+    [
+        ((1, 2, 1001), (1, 2), r"input_features must have shape \(batch, windows, frames, 64\)"),
+        ((1, 2, 1001, 32), (1, 2), r"input_features must have shape"),
+        ((1, 2, 1001, 64), (1, 3), r"input_features_mask must have shape \(batch, windows\) = \(1, 2\)"),
+        ((2, 2, 1001, 64), (2, 2), r"input_features has 2 samples but the text has 1"),
+    ],
+)
+def test_mismatched_inputs_raise_clear_errors(features_shape, mask_shape, message):
+    model = tiny_model()
+    ids, _ = _prompts([5])
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=ids, input_features=torch.zeros(features_shape),
+              input_features_mask=torch.ones(mask_shape, dtype=torch.long))
+
+
+def test_sample_without_any_window_is_rejected():
+    model = tiny_model()
+    ids, _ = _prompts([5, 5])
+    features, _ = random_audio_inputs([1, 1])
+    with pytest.raises(ValueError, match=r"no window as valid for batch index\(es\) \[1\]"):
+        model(input_ids=ids, input_features=features, input_features_mask=torch.tensor([[1], [0]]))
+
+
+def test_foreign_cache_with_audio_is_rejected():
+    from transformers import DynamicCache
+
+    model = tiny_model()
+    features, features_mask = random_audio_inputs([1])
+    ids, _ = _prompts([5])
+    with pytest.raises(ValueError, match="pass an AudioFlamingo2Cache"):
+        model(input_ids=ids, input_features=features, input_features_mask=features_mask,
+              past_key_values=DynamicCache(), use_cache=True)
+
+
+def test_package_registers_with_transformers():
+    assert transformers_af2.AudioFlamingo2Config.model_type == "audioflamingo2"
+    config = AutoConfig.for_model("audioflamingo2")
+    assert isinstance(config, transformers_af2.AudioFlamingo2Config)
