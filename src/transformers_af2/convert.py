@@ -497,7 +497,7 @@ def _load_base_lm_weights(lm_source: str | os.PathLike, needed: Iterable[str]) -
         from huggingface_hub import snapshot_download
 
         path = Path(snapshot_download(str(lm_source), allow_patterns=["*.safetensors", "*.json"]))
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise ConversionError(f"the base LM {lm_source} has no safetensors weights to fill {sorted(needed)[:5]}...")
     out = {}
@@ -544,8 +544,10 @@ def assemble_state_dict(
         head = from_safe.pop("lm_head.weight")
         from_safe["model.language_model.embed_tokens.weight"] = head
 
-    missing_lm = [k for k in expected if k not in from_safe and k not in state]
-    if missing_lm and lm_weights_source is not None:
+    unfilled = [k for k in expected if k not in from_safe and k not in state]
+    missing_lm = [k for k in unfilled if k.startswith("model.language_model.") or k == "lm_head.weight"]
+    # A config.json path names no weights; a directory or hub id may hold the base LM's safetensors.
+    if missing_lm and lm_weights_source is not None and not Path(lm_weights_source).is_file():
         base = _load_base_lm_weights(lm_weights_source, set(missing_lm))
         vocab = expected["model.language_model.embed_tokens.weight"].shape[0]
         for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
