@@ -39,7 +39,9 @@ def test_converted_repo_is_complete(converted_fixture):
     weights = load_file(converted_fixture.repo / "model.safetensors")
     assert not any(".old_decoder_blocks." in k or "fusion_model" in k for k in weights)
     processor = AutoProcessor.from_pretrained(converted_fixture.repo)
-    assert processor.tokenizer.padding_side == "left"
+    batch = processor(text=["a", "a much longer question than the first one"])
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1  # left padding
+    assert batch["input_ids"][0, 0] == reference["special_tokens"]["<|PAD_TOKEN|>"]
     clap = reference["clap_config"]
     assert processor.feature_extractor.max_num_window == clap["max_num_window"]
     assert processor.feature_extractor.window_length == clap["window_length"]

@@ -27,9 +27,8 @@ class AudioFlamingo2Processor(ProcessorMixin):
             warning (their `<SEP>` is then lost and the answer is unreliable).
     """
 
+    # Sub-processors resolve through the Auto classes (AutoFeatureExtractor is registered on import).
     attributes = ["feature_extractor", "tokenizer"]
-    feature_extractor_class = "AudioFlamingo2FeatureExtractor"
-    tokenizer_class = "AutoTokenizer"
 
     def __init__(self, feature_extractor=None, tokenizer=None, chat_template=None, max_prompt_length: int = 512):
         self.max_prompt_length = max_prompt_length

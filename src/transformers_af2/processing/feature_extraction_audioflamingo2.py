@@ -1,0 +1,261 @@
+"""Audio front end of Audio Flamingo 2: file or array -> 16 kHz mono -> 10 s windows -> log-mel (frames, 64).
+
+Every step reproduces the original inference code (see the class docstring); torchaudio and librosa are replaced
+by `torch.stft` with an HTK mel matrix and by soxr, which compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from transformers import BatchFeature, SequenceFeatureExtractor
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+def htk_mel_filterbank(n_fft: int, n_mels: int, sampling_rate: int, f_min: float, f_max: float) -> torch.Tensor:
+    """Triangular filters on the HTK mel scale, no area normalisation: `(n_fft // 2 + 1, n_mels)` float32."""
+
+    def hz_to_mel(freq):
+        return 2595.0 * np.log10(1.0 + np.asarray(freq, dtype=np.float64) / 700.0)
+
+    def mel_to_hz(mel):
+        return 700.0 * (10.0 ** (np.asarray(mel, dtype=np.float64) / 2595.0) - 1.0)
+
+    fft_freqs = np.linspace(0, sampling_rate // 2, n_fft // 2 + 1)
+    mel_points = np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2)
+    hz_points = mel_to_hz(mel_points)
+    spacing = np.diff(hz_points)
+    slopes = hz_points[None, :] - fft_freqs[:, None]
+    down = -slopes[:, :-2] / spacing[:-1]
+    up = slopes[:, 2:] / spacing[1:]
+    return torch.from_numpy(np.maximum(0.0, np.minimum(down, up))).float()
+
+
+def quantize_int16(waveform: np.ndarray) -> np.ndarray:
+    """The original's int16 round trip: clip to [-1, 1], scale, truncate toward zero, scale back (float32)."""
+    return (np.clip(waveform, -1.0, 1.0) * 32767.0).astype(np.int16).astype(np.float32) / np.float32(32767.0)
+
+
+class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
+    r"""
+    Turns audio into AF2's windowed log-mel features.
+
+    Steps, as in the original inference code:
+      1. read the file with libsndfile, keeping the **first channel** of multi-channel files and only the frames the
+         windows can use (`max_num_window` windows); arrays are taken as given with their `sampling_rate`;
+      2. float data with peaks outside [-1, 1] is divided by its peak;
+      3. resample to `sampling_rate` (16 kHz) with soxr "HQ";
+      4. peak-normalise: `2 * x / max(x) - 1` when the minimum is >= 0, else `x / max(|x|)`;
+      5. split into windows of `window_length` seconds (stride `window_length - window_overlap`), zero-padding the
+         last, at most `max_num_window`; quantise through int16 (truncating) and back;
+      6. log-mel of each window: periodic Hann STFT (`n_fft`, `hop_length`, centred, reflect padding), power 2,
+         HTK mel filters without normalisation, `10 * log10(max(mel, 1e-10))`.
+
+    Silent (constant) input: the original divides by zero and its int16 cast turns the NaNs into zeros, so a
+    silent input gives all-zero windows here too (never NaN), with a warning. NaN or infinite samples are an error.
+
+    Returns `input_features` `(batch, windows, frames, feature_size)` float32 and `input_features_mask`
+    `(batch, windows)`; windows past a sample's own count are padding (mask 0, features of silence).
+    """
+
+    model_input_names = ["input_features", "input_features_mask"]
+
+    def __init__(
+        self,
+        feature_size: int = 64,
+        sampling_rate: int = 16000,
+        window_length: float = 10.0,
+        window_overlap: float = 0.0,
+        max_num_window: int = 12,
+        n_fft: int = 1024,
+        win_length: int = 1024,
+        hop_length: int = 160,
+        f_min: float = 50.0,
+        f_max: float = 8000.0,
+        padding_value: float = 0.0,
+        **kwargs,
+    ):
+        kwargs.setdefault("return_attention_mask", False)
+        super().__init__(feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs)
+        self.window_length = float(window_length)
+        self.window_overlap = float(window_overlap)
+        self.max_num_window = int(max_num_window)
+        self.n_fft = n_fft
+        self.win_length = win_length
+        self.hop_length = hop_length
+        self.f_min = float(f_min)
+        self.f_max = float(f_max)
+        if self.window_overlap >= self.window_length:
+            raise ValueError(f"window_overlap ({window_overlap}) must be smaller than window_length ({window_length}).")
+
+    # -- sizes -------------------------------------------------------------------------------------------------
+    @property
+    def window_samples(self) -> int:
+        return int(self.window_length * self.sampling_rate)
+
+    @property
+    def stride_samples(self) -> int:
+        return self.window_samples - int(self.window_overlap * self.sampling_rate)
+
+    @property
+    def max_samples(self) -> int:
+        """Samples covered by `max_num_window` windows; anything later is never used."""
+        return self.window_samples + (self.max_num_window - 1) * self.stride_samples
+
+    # -- step 1-4 ----------------------------------------------------------------------------------------------
+    def load_audio(self, audio, sampling_rate: int | None = None, name: str = "audio") -> np.ndarray:
+        """A path or a 1-D float array -> peak-normalised float64 waveform at `self.sampling_rate`, cut to the
+        duration the windows can hold (with a warning saying how much was dropped)."""
+        if isinstance(audio, (str, os.PathLike)):
+            data, source_rate, total_frames = self._read_file(Path(audio))
+            name = str(audio)
+        else:
+            if sampling_rate is None:
+                raise ValueError(
+                    f"{name}: sampling_rate is required with array input (pass sampling_rate=... in Hz)."
+                )
+            if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, np.integer)) or sampling_rate <= 0:
+                raise ValueError(f"{name}: sampling_rate must be a positive integer in Hz, got {sampling_rate!r}.")
+            data = self._as_float_array(audio, name)
+            source_rate = int(sampling_rate)
+            total_frames = len(data)
+            data = data[: self._frames_needed(source_rate)]
+        if data.size == 0:
+            raise ValueError(f"{name}: the audio is empty (0 samples).")
+        if not np.isfinite(data).all():
+            raise ValueError(f"{name}: the audio contains NaN or infinite samples; clean or replace them first.")
+        dropped = (total_frames - len(data)) / source_rate
+        if dropped > 0:
+            logger.warning(
+                f"{name}: audio is {total_frames / source_rate:.1f} s, longer than the {self.max_num_window} windows "
+                f"of {self.window_length:g} s this model reads; the last {dropped:.1f} s are dropped "
+                "(raise max_num_window to read more)."
+            )
+        peak = np.abs(data).max()
+        if peak > 1.0:
+            data = data / peak
+        if source_rate != self.sampling_rate:
+            data = soxr.resample(data, source_rate, self.sampling_rate, quality="HQ")
+        return self._peak_normalise(data, name)
+
+    def _frames_needed(self, rate: int) -> int:
+        # The original reads int(duration * rate) frames.
+        return int(self.max_samples / self.sampling_rate * rate)
+
+    def _read_file(self, path: Path) -> tuple[np.ndarray, int, int]:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such audio file.")
+        try:
+            with sf.SoundFile(path) as handle:
+                rate, total = handle.samplerate, handle.frames
+                data = handle.read(min(total, self._frames_needed(rate)), dtype="float64", always_2d=True)
+        except sf.LibsndfileError as error:
+            raise ValueError(f"{path}: cannot decode this audio file ({error}); use WAV, FLAC, OGG or MP3.") from error
+        return data[:, 0], rate, total
+
+    @staticmethod
+    def _as_float_array(audio, name: str) -> np.ndarray:
+        if isinstance(audio, torch.Tensor):
+            audio = audio.detach().cpu().numpy()
+        array = np.asarray(audio)
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TypeError(f"{name}: expected float samples in [-1, 1], got dtype {array.dtype}.")
+        if array.ndim != 1:
+            raise ValueError(f"{name}: expected a 1-D mono waveform, got shape {array.shape}.")
+        return array.astype(np.float64)
+
+    @staticmethod
+    def _peak_normalise(data: np.ndarray, name: str) -> np.ndarray:
+        if data.min() >= 0:
+            scale = np.abs(data.max())
+            if scale == 0:
+                logger.warning(f"{name}: the audio is silent; it is encoded as silence.")
+                return np.zeros_like(data)
+            return 2.0 * data / scale - 1.0
+        return data / max(abs(data.max()), abs(data.min()))
+
+    # -- step 5 ------------------------------------------------------------------------------------------------
+    def num_windows(self, num_samples: int) -> int:
+        window, stride = self.window_samples, self.stride_samples
+        if num_samples <= window:
+            return 1
+        if num_samples >= self.max_samples:
+            return self.max_num_window
+        return 1 + int(math.ceil((num_samples - window) / stride))
+
+    def split_windows(self, waveform: np.ndarray) -> np.ndarray:
+        """Normalised waveform -> `(windows, window_samples)` float32 after the int16 round trip."""
+        count = self.num_windows(len(waveform))
+        full_length = self.window_samples + (count - 1) * self.stride_samples
+        padded = np.zeros(full_length, dtype=np.float64)
+        usable = min(len(waveform), full_length)
+        padded[:usable] = waveform[:usable]
+        quantized = quantize_int16(padded)
+        starts = np.arange(count) * self.stride_samples
+        windows = np.stack([quantized[s : s + self.window_samples] for s in starts])
+        # The original's CLAP wrapper quantises each window once more; idempotent, kept for identical numbers.
+        return quantize_int16(windows)
+
+    # -- step 6 ------------------------------------------------------------------------------------------------
+    def log_mel(self, windows: torch.Tensor) -> torch.Tensor:
+        """`(n, samples)` -> `(n, frames, feature_size)` log-mel in dB, batched over all windows."""
+        window_fn = torch.hann_window(self.win_length, periodic=True, dtype=torch.float32, device=windows.device)
+        spectrum = torch.stft(
+            windows.float(),
+            n_fft=self.n_fft,
+            hop_length=self.hop_length,
+            win_length=self.win_length,
+            window=window_fn,
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        )
+        power = spectrum.real.square() + spectrum.imag.square()  # (n, freq, frames)
+        filters = htk_mel_filterbank(self.n_fft, self.feature_size, self.sampling_rate, self.f_min, self.f_max)
+        mel = torch.matmul(power.transpose(1, 2), filters.to(power.device))
+        return 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
+
+    # -- batch -------------------------------------------------------------------------------------------------
+    def __call__(self, audio, sampling_rate: int | None = None, return_tensors: str | None = "pt", **kwargs):
+        """
+        Args:
+            audio: a path, a 1-D float array/tensor, or a list of them.
+            sampling_rate: rate of array inputs in Hz.
+        Returns:
+            `BatchFeature` with `input_features` (batch, windows, frames, feature_size) and `input_features_mask`.
+        """
+        items = list(audio) if isinstance(audio, (list, tuple)) else [audio]
+        if not items:
+            raise ValueError("audio: got an empty list; pass at least one file or array.")
+        per_sample = [
+            self.split_windows(self.load_audio(item, sampling_rate, name=f"audio[{index}]"))
+            for index, item in enumerate(items)
+        ]
+        counts = [len(windows) for windows in per_sample]
+        all_windows = torch.from_numpy(np.concatenate(per_sample))
+        mel = self.log_mel(all_windows)
+        widest = max(counts)
+        features = self.log_mel(torch.zeros(1, self.window_samples)).expand(len(items), widest, -1, -1).clone()
+        mask = torch.zeros(len(items), widest, dtype=torch.long)
+        offset = 0
+        for row, count in enumerate(counts):
+            features[row, :count] = mel[offset : offset + count]
+            mask[row, :count] = 1
+            offset += count
+        data = {"input_features": features, "input_features_mask": mask}
+        if return_tensors == "np":
+            data = {k: v.numpy() for k, v in data.items()}
+        elif return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}.")
+        return BatchFeature(data=data)
+
+
+__all__ = ["AudioFlamingo2FeatureExtractor", "htk_mel_filterbank", "quantize_int16"]
