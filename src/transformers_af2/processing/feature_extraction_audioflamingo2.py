@@ -6,6 +6,7 @@ by `torch.stft` with an HTK mel matrix and by soxr, which compute the same numbe
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -112,11 +113,28 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
 
     # -- step 1-4 ----------------------------------------------------------------------------------------------
     def load_audio(self, audio, sampling_rate: int | None = None, name: str = "audio") -> np.ndarray:
-        """A path or a 1-D float array -> peak-normalised float64 waveform at `self.sampling_rate`, cut to the
-        duration the windows can hold (with a warning saying how much was dropped)."""
-        if isinstance(audio, (str, os.PathLike)):
-            data, source_rate, total_frames = self._read_file(Path(audio))
-            name = str(audio)
+        """One audio input -> peak-normalised float64 waveform at `self.sampling_rate`, cut to the duration the
+        windows can hold (with a warning saying how much was dropped).
+
+        Accepted: a path; `bytes` or a binary file-like object holding an encoded file; a float array or tensor
+        (1-D, or 2-D with up to 8 channels on either axis: the first channel is kept, as for files) with
+        `sampling_rate`; a `datasets` Audio dict (`{"array", "sampling_rate"}`, `{"path"}` or `{"bytes"}`).
+        """
+        if isinstance(audio, dict):
+            if audio.get("array") is not None:
+                return self.load_audio(audio["array"], audio.get("sampling_rate", sampling_rate), name)
+            if audio.get("bytes") is not None:
+                return self.load_audio(audio["bytes"], None, name if audio.get("path") is None else audio["path"])
+            if audio.get("path") is not None:
+                return self.load_audio(audio["path"], None, name)
+            raise ValueError(f"{name}: an audio dict needs 'array' + 'sampling_rate', 'bytes' or 'path'.")
+        if isinstance(audio, (str, os.PathLike, bytes, bytearray)) or hasattr(audio, "read"):
+            if isinstance(audio, (str, os.PathLike)):
+                name = str(audio)
+                if not Path(audio).is_file():
+                    raise FileNotFoundError(f"{audio}: no such audio file.")
+            source = io.BytesIO(audio) if isinstance(audio, (bytes, bytearray)) else audio
+            data, source_rate, total_frames = self._read_file(source, name)
         else:
             if sampling_rate is None:
                 raise ValueError(
@@ -150,26 +168,35 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         # The original reads int(duration * rate) frames.
         return int(self.max_samples / self.sampling_rate * rate)
 
-    def _read_file(self, path: Path) -> tuple[np.ndarray, int, int]:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such audio file.")
+    def _read_file(self, source, name: str) -> tuple[np.ndarray, int, int]:
+        """Reads only the frames the windows can use; first channel of multi-channel files."""
         try:
-            with sf.SoundFile(path) as handle:
+            with sf.SoundFile(source) as handle:
                 rate, total = handle.samplerate, handle.frames
                 data = handle.read(min(total, self._frames_needed(rate)), dtype="float64", always_2d=True)
-        except sf.LibsndfileError as error:
-            raise ValueError(f"{path}: cannot decode this audio file ({error}); use WAV, FLAC, OGG or MP3.") from error
+        except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"{name}: cannot decode this audio ({error}); use WAV, FLAC, OGG/Vorbis or MP3, or pass an array."
+            ) from error
         return data[:, 0], rate, total
 
     @staticmethod
     def _as_float_array(audio, name: str) -> np.ndarray:
         if isinstance(audio, torch.Tensor):
-            audio = audio.detach().cpu().numpy()
+            audio = audio.detach().cpu().float().numpy() if audio.dtype == torch.bfloat16 else audio.detach().cpu().numpy()
         array = np.asarray(audio)
         if not np.issubdtype(array.dtype, np.floating):
-            raise TypeError(f"{name}: expected float samples in [-1, 1], got dtype {array.dtype}.")
+            raise TypeError(
+                f"{name}: expected float samples in [-1, 1], got dtype {array.dtype}; convert integer PCM with "
+                "x / 32768 (int16) or pass the file itself."
+            )
+        if array.ndim == 2 and min(array.shape) <= 8 and max(array.shape) > 8:
+            # Multi-channel: keep the first channel, as AF2 does for files, whichever axis holds the channels.
+            array = array[0] if array.shape[0] < array.shape[1] else array[:, 0]
         if array.ndim != 1:
-            raise ValueError(f"{name}: expected a 1-D mono waveform, got shape {array.shape}.")
+            raise ValueError(
+                f"{name}: expected a 1-D mono waveform (or 2-D with at most 8 channels), got shape {array.shape}."
+            )
         return array.astype(np.float64)
 
     @staticmethod
@@ -227,7 +254,7 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
     def __call__(self, audio, sampling_rate: int | None = None, return_tensors: str | None = "pt", **kwargs):
         """
         Args:
-            audio: a path, a 1-D float array/tensor, or a list of them.
+            audio: one input (see `load_audio`) or a list of them.
             sampling_rate: rate of array inputs in Hz.
         Returns:
             `BatchFeature` with `input_features` (batch, windows, frames, feature_size) and `input_features_mask`.
