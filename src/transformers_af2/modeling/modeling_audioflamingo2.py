@@ -393,6 +393,13 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
 
     def _check_audio_inputs(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None):
         audio_config: ClapAudioConfig = self.config.audio_config
+        tower_device = self.audio_tower.norm.weight.device
+        # Another GPU is fine (device_map may spread the model); another kind of device is a user error.
+        if input_features.device.type != tower_device.type:
+            raise ValueError(
+                f"input_features is on {input_features.device.type} but the model is on {tower_device.type}: move "
+                "the processor's output with `.to(model.device)`."
+            )
         if input_features.ndim != 4 or input_features.shape[-1] != audio_config.num_mel_bins:
             raise ValueError(
                 "input_features must have shape (batch, windows, frames, "
@@ -433,11 +440,13 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
         else:
             window_mask = input_features_mask.to(device=input_features.device, dtype=torch.bool)
         tower_dtype = self.audio_tower.norm.weight.dtype
-        valid_windows = input_features[window_mask].to(tower_dtype)  # (n_valid, frames, mels)
+        tower_device = self.audio_tower.norm.weight.device
+        valid_windows = input_features[window_mask].to(device=tower_device, dtype=tower_dtype)  # (n_valid, frames, mels)
         # The tower expects (n, channels, frames, mels); AF2 uses the single-channel ("not longer") path.
         tower_out = self.audio_tower(valid_windows.unsqueeze(1)).last_hidden_state  # (n_valid, D, F', T')
         window_tokens = tower_out.flatten(2).transpose(1, 2)  # (n_valid, tokens_per_window, D)
         tokens_per_window, dim = window_tokens.shape[1:]
+        window_mask = window_mask.to(window_tokens.device)
         all_windows = window_tokens.new_zeros(batch, windows, tokens_per_window, dim)
         all_windows[window_mask] = window_tokens
         token_mask = window_mask.repeat_interleave(tokens_per_window, dim=1)

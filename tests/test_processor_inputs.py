@@ -1,0 +1,71 @@
+"""Bad text and model inputs: each gets a clear error naming the input, or the documented result."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_audio_inputs, tiny_model
+from transformers import AutoProcessor
+from transformers.testing_utils import CaptureLogger
+
+from transformers_af2.processing import processing_audioflamingo2 as processing_module
+
+
+@pytest.fixture(scope="module")
+def processor(converted_fixture):
+    return AutoProcessor.from_pretrained(converted_fixture.repo)
+
+
+def test_plain_question_becomes_af2_prompt(processor):
+    prompt = processor.build_prompt("  What Is This Sound?  ")
+    assert prompt == "<audio>what is this sound?<SEP>"
+    assert processor.build_prompt("<audio>Keep As Given<SEP>") == "<audio>Keep As Given<SEP>"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("<SEP> no audio marker but given as is <audio><audio>", r"batch index 0 holds 2 <audio> tokens"),
+    ],
+)
+def test_audio_marker_count_is_checked(processor, text, message):
+    with pytest.raises(ValueError, match=message):
+        processor(text=[text], audio=[np.zeros(16000, dtype=np.float32) + 0.1], sampling_rate=16000)
+
+
+def test_text_and_audio_counts_must_match(processor):
+    with pytest.raises(ValueError, match="got 2 texts but 1 audios"):
+        processor(text=["a", "b"], audio=[np.full(1600, 0.1)], sampling_rate=16000)
+
+
+def test_text_must_be_strings(processor):
+    with pytest.raises(TypeError, match="text must be a string"):
+        processor(text=[123])
+
+
+def test_prompt_over_the_limit_is_cut_with_a_warning(processor):
+    question = "word " * 2000
+    with CaptureLogger(processing_module.logger) as captured:
+        batch = processor(text=[question, "short"])
+    assert "batch index 0 is" in captured.out and "Keeping the first 512" in captured.out
+    assert batch["input_ids"].shape[1] == processor.max_prompt_length
+
+
+def test_audio_error_names_the_batch_index(processor):
+    with pytest.raises(ValueError, match=r"audio\[1\]: .*NaN"):
+        processor(text=["a", "b"], audio=[np.full(1600, 0.1), np.full(1600, np.nan)], sampling_rate=16000)
+
+
+def test_features_in_another_dtype_are_cast_to_the_tower():
+    model = tiny_model().to(torch.bfloat16)
+    features, mask = random_audio_inputs([1])
+    ids = torch.tensor([[95, 3, 4, 5]])
+    out = model(input_ids=ids, input_features=features.double(), input_features_mask=mask)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+def test_features_on_another_device_raise_a_clear_error():
+    model = tiny_model()
+    features, mask = random_audio_inputs([1])
+    ids = torch.tensor([[95, 3, 4, 5]])
+    with pytest.raises(ValueError, match="input_features is on meta but the model is on cpu"):
+        model(input_ids=ids, input_features=features.to("meta"), input_features_mask=mask)
