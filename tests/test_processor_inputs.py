@@ -1,6 +1,8 @@
 """Bad text and model inputs: each gets a clear error naming the input, or the documented result."""
 
 import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import pytest
 import torch
 from conftest import random_audio_inputs, tiny_model
@@ -69,3 +71,21 @@ def test_features_on_another_device_raise_a_clear_error():
     ids = torch.tensor([[95, 3, 4, 5]])
     with pytest.raises(ValueError, match="input_features is on meta but the model is on cpu"):
         model(input_ids=ids, input_features=features.to("meta"), input_features_mask=mask)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(question=st.text(max_size=300))
+def test_text_path_fuzz(processor, question):
+    """Any string: a prompt with exactly one <audio> at the start, or the documented marker-count error."""
+    audio = np.full(1600, 0.1, dtype=np.float32)
+    try:
+        batch = processor(text=[question], audio=[audio], sampling_rate=16000)
+    except ValueError as error:
+        assert "<audio>" in question.lower() and "<audio> tokens" in str(error)
+        return
+    ids = batch["input_ids"][0].tolist()
+    assert ids.count(processor.audio_token_id) == 1
+    if "<audio>" not in question:
+        assert ids[0] == processor.audio_token_id
+        assert ids[-1] == processor.tokenizer.convert_tokens_to_ids("<SEP>")
+    assert torch.isfinite(batch["input_features"]).all()
