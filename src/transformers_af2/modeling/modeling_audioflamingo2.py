@@ -20,7 +20,7 @@ from transformers import ClapAudioConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.clap.modeling_clap import ClapAudioEncoder
+from transformers.models.clap.modeling_clap import ClapAudioAttention, ClapAudioEncoder, ClapAudioSelfAttention
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2DecoderLayer,
     Qwen2Model,
@@ -78,6 +78,55 @@ class AudioFlamingo2Cache(DynamicCache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self._map_audio_states(lambda t: t[indices, ...])
+
+
+class AudioFlamingo2WindowAttention(ClapAudioSelfAttention):
+    """
+    The HTSAT tower's windowed self-attention (transformers' `ClapAudioSelfAttention`, same parameters) computed
+    with `scaled_dot_product_attention`, so fused CPU/CUDA kernels apply; the relative position bias and the
+    shifted-window mask enter as SDPA's additive mask. Falls back to the parent's matmul path for `eager` or when
+    attention weights are requested.
+    """
+
+    def __init__(self, config: ClapAudioConfig, dim: int, num_heads: int, window_size):
+        super().__init__(config, dim, num_heads, window_size)
+        self.config = config
+        self.dropout_prob = config.attention_probs_dropout_prob
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        if output_attentions or self.config._attn_implementation == "eager":
+            return super().forward(hidden_states, attention_mask, output_attentions)
+        batch, tokens, _ = hidden_states.shape
+        shape = (batch, tokens, self.num_attention_heads, self.attention_head_size)
+        query = self.query(hidden_states).view(shape).transpose(1, 2)
+        key = self.key(hidden_states).view(shape).transpose(1, 2)
+        value = self.value(hidden_states).view(shape).transpose(1, 2)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(tokens, tokens, -1).permute(2, 0, 1).to(query.dtype)  # (heads, N, N)
+        if attention_mask is not None:
+            # Windows are laid out batch-major: (batch // num_windows, num_windows, heads, N, d) lets the
+            # per-window shift mask broadcast over the batch.
+            num_windows = attention_mask.shape[0]
+            grouped = (batch // num_windows, num_windows, self.num_attention_heads, tokens, -1)
+            query, key, value = (t.reshape(grouped) for t in (query, key, value))
+            bias = bias.unsqueeze(0) + attention_mask.unsqueeze(1).to(query.dtype)  # (num_windows, heads, N, N)
+        output = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, dropout_p=self.dropout_prob if self.training else 0.0
+        )
+        output = output.reshape(batch, self.num_attention_heads, tokens, -1).transpose(1, 2)
+        return (output.reshape(batch, tokens, self.all_head_size),)
+
+
+def build_audio_tower(config: ClapAudioConfig) -> ClapAudioEncoder:
+    """transformers' `ClapAudioEncoder` with its window attention computed through SDPA (same weights)."""
+    tower = ClapAudioEncoder(config)
+    for module in tower.modules():
+        if isinstance(module, ClapAudioAttention):
+            old = module.self
+            module.self = AudioFlamingo2WindowAttention(
+                config, old.all_head_size, old.num_attention_heads, old.window_size
+            )
+    return tower
 
 
 class AudioFlamingo2AudioRotaryEmbedding(nn.Module):
@@ -380,7 +429,7 @@ class AudioFlamingo2CausalLMOutputWithPast(ModelOutput):
 class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__(config)
-        self.audio_tower = ClapAudioEncoder(config.audio_config)
+        self.audio_tower = build_audio_tower(config.audio_config)
         self.audio_transformer = AudioFlamingo2AudioTransformer(config)
         self.language_model = AudioFlamingo2TextModel(config)
         self.post_init()

@@ -161,7 +161,13 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         if peak > 1.0:
             data = data / peak
         if source_rate != self.sampling_rate:
-            data = soxr.resample(data, source_rate, self.sampling_rate, quality="HQ")
+            resampled = soxr.resample(data, source_rate, self.sampling_rate, quality="HQ")
+            if resampled.size == 0:
+                raise ValueError(
+                    f"{name}: {len(data)} sample(s) at {source_rate} Hz is shorter than one sample at "
+                    f"{self.sampling_rate} Hz; pass longer audio."
+                )
+            data = resampled
         return self._peak_normalise(data, name)
 
     def _frames_needed(self, rate: int) -> int:
