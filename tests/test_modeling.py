@@ -275,3 +275,22 @@ def test_package_registers_with_transformers():
     assert transformers_af2.AudioFlamingo2Config.model_type == "audioflamingo2"
     config = AutoConfig.for_model("audioflamingo2")
     assert isinstance(config, transformers_af2.AudioFlamingo2Config)
+
+
+def test_decode_step_compiles_without_graph_breaks():
+    """A whole decoding step, audio read back from the cache, traces as one graph (fullgraph=True raises on a
+    break). The eager backend checks the tracing only; inductor would compile the same graph."""
+    model = tiny_model()
+    features, features_mask = random_audio_inputs([2, 1])
+    ids, mask = _prompts([5, 4])
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, input_features=features,
+                      input_features_mask=features_mask, use_cache=True).past_key_values
+        step_ids = torch.tensor([[5], [6]])
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        expected = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache).logits
+        cache.crop(-1)  # undo the step so the compiled call sees the same cache
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        got = compiled(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
