@@ -157,16 +157,17 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
                 f"of {self.window_length:g} s this model reads; the last {dropped:.1f} s are dropped "
                 "(raise max_num_window to read more)."
             )
+        # Float files with samples outside [-1, 1] are divided by their peak over all channels, as the original did
+        # before keeping the first channel.
         peak = np.abs(data).max()
         if peak > 1.0:
             data = data / peak
+        data = data[:, 0] if data.ndim == 2 else data
         if source_rate != self.sampling_rate:
             resampled = soxr.resample(data, source_rate, self.sampling_rate, quality="HQ")
-            if resampled.size == 0:
-                raise ValueError(
-                    f"{name}: {len(data)} sample(s) at {source_rate} Hz is shorter than one sample at "
-                    f"{self.sampling_rate} Hz; pass longer audio."
-                )
+            # librosa.resample (the original's call) pads or trims soxr's output to ceil(n * ratio) samples.
+            target_length = int(np.ceil(len(data) * self.sampling_rate / source_rate))
+            resampled = np.pad(resampled, (0, max(0, target_length - len(resampled))))[:target_length]
             data = resampled
         return self._peak_normalise(data, name)
 
@@ -175,7 +176,7 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         return int(self.max_samples / self.sampling_rate * rate)
 
     def _read_file(self, source, name: str) -> tuple[np.ndarray, int, int]:
-        """Reads only the frames the windows can use; first channel of multi-channel files."""
+        """Reads only the frames the windows can use: `(frames, channels)`."""
         try:
             with sf.SoundFile(source) as handle:
                 rate, total = handle.samplerate, handle.frames
@@ -184,7 +185,7 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(
                 f"{name}: cannot decode this audio ({error}); use WAV, FLAC, OGG/Vorbis or MP3, or pass an array."
             ) from error
-        return data[:, 0], rate, total
+        return data, rate, total
 
     @staticmethod
     def _as_float_array(audio, name: str) -> np.ndarray:
