@@ -184,6 +184,18 @@ def test_save_load_round_trip_through_auto_classes(tmp_path):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("device_map", ["cpu", "auto", {"": "cpu"}])
+def test_device_map_loading_gives_the_same_logits(tmp_path, device_map):
+    model = tiny_model(seed=4)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path, device_map=device_map).eval()
+    features, features_mask = random_audio_inputs([2])
+    ids, _ = _prompts([6])
+    expected = model(input_ids=ids, input_features=features, input_features_mask=features_mask).logits
+    got = loaded(input_ids=ids, input_features=features, input_features_mask=features_mask).logits
+    assert torch.equal(got, expected)
+
+
 def test_bfloat16_load_and_generate(tmp_path):
     tiny_model(seed=1).save_pretrained(tmp_path)
     model = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
