@@ -82,10 +82,16 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         f_min: float = 50.0,
         f_max: float = 8000.0,
         padding_value: float = 0.0,
+        return_attention_mask: bool = False,
         **kwargs,
     ):
-        kwargs.setdefault("return_attention_mask", False)
-        super().__init__(feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs)
+        super().__init__(
+            feature_size=feature_size,
+            sampling_rate=sampling_rate,
+            padding_value=padding_value,
+            return_attention_mask=return_attention_mask,
+            **kwargs,
+        )
         self.window_length = float(window_length)
         self.window_overlap = float(window_overlap)
         self.max_num_window = int(max_num_window)
@@ -100,10 +106,12 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
     # -- sizes -------------------------------------------------------------------------------------------------
     @property
     def window_samples(self) -> int:
+        """Samples per window at `sampling_rate` (160 000 for 10 s at 16 kHz)."""
         return int(self.window_length * self.sampling_rate)
 
     @property
     def stride_samples(self) -> int:
+        """Distance between window starts: window minus overlap, in samples."""
         return self.window_samples - int(self.window_overlap * self.sampling_rate)
 
     @property
@@ -172,8 +180,10 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         return self._peak_normalise(data, name)
 
     def _frames_needed(self, rate: int) -> int:
-        # The original reads int(duration * rate) frames.
-        return int(self.max_samples / self.sampling_rate * rate)
+        # The original reads int(duration * rate) frames of the source, with the duration in seconds computed as
+        # below, and resamples only those.
+        duration = self.max_num_window * (self.window_length - self.window_overlap) + self.window_overlap
+        return int(duration * rate)
 
     def _read_file(self, source, name: str) -> tuple[np.ndarray, int, int]:
         """Reads only the frames the windows can use: `(frames, channels)`."""
@@ -218,15 +228,21 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
 
     # -- step 5 ------------------------------------------------------------------------------------------------
     def num_windows(self, num_samples: int) -> int:
+        """Windows for `num_samples` samples at `sampling_rate`: 1 up to one window, `max_num_window` from
+        `max_samples` on, else `1 + ceil((num_samples - window) / stride)` (the last one zero-padded)."""
         window, stride = self.window_samples, self.stride_samples
         if num_samples <= window:
             return 1
         if num_samples >= self.max_samples:
             return self.max_num_window
-        return 1 + int(math.ceil((num_samples - window) / stride))
+        return 1 + math.ceil((num_samples - window) / stride)
 
     def split_windows(self, waveform: np.ndarray) -> np.ndarray:
-        """Normalised waveform -> `(windows, window_samples)` float32 after the int16 round trip."""
+        """Normalised waveform `(samples,)` -> `(windows, window_samples)` float32 after the int16 round trip.
+
+        The waveform is zero-padded to `window_samples + (windows - 1) * stride_samples` (anything longer is cut)
+        and the windows start every `stride_samples`. Every returned window is a real one (mask 1).
+        """
         count = self.num_windows(len(waveform))
         full_length = self.window_samples + (count - 1) * self.stride_samples
         padded = np.zeros(full_length, dtype=np.float64)
