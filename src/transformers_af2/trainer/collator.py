@@ -1,0 +1,288 @@
+"""Batches for training Audio Flamingo 2: AF2's training text, its label rule, right padding, padded audio windows.
+
+The text of one example is the original training code's
+
+    "<audio>" + prompt.lower().strip() + "<SEP>" + answer.lower().strip() + "<|endofchunk|>" + eos
+
+tokenised with truncation to `max_length` (512 in the original), right-padded with `<|PAD_TOKEN|>`. Its labels are
+the token ids with -100 everywhere except the answer (the tokens after `<SEP>` up to and including
+`<|endofchunk|>`) and every eos; see `af2_labels` for the exact rule.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+AUDIO_TOKEN = "<audio>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+SEP_TOKEN = "<SEP>"
+IGNORE_INDEX = -100
+
+
+def build_training_text(prompt: Any, answer: Any, sep_token: str = SEP_TOKEN, eos_token: str = "<|endoftext|>") -> str:
+    """AF2's training sample text: `<audio>` + prompt + `<SEP>` + answer + `<|endofchunk|>` + eos, lower-cased and
+    stripped exactly as the original (`str(x).lower()` then `.strip()`)."""
+    prompt_text = str(prompt).lower().strip()
+    answer_text = str(answer).lower().strip()
+    return f"{AUDIO_TOKEN}{prompt_text}{sep_token}{answer_text}{END_OF_CHUNK_TOKEN}{eos_token}"
+
+
+def af2_labels(
+    input_ids: Sequence[int],
+    *,
+    audio_token_id: int,
+    sep_token_id: int,
+    end_of_chunk_token_id: int,
+    eos_token_id: int,
+    pad_token_id: int | None = None,
+    length: int | None = None,
+) -> list[int]:
+    """
+    AF2's label rule for one (unpadded or right-padded) row, as the original training loop computes it.
+
+    1. labels = ids; pad tokens (and positions past `length`, the row's real length) -> -100; the first position
+       -> -100; `<audio>` -> -100.
+    2. Scan left to right with a flag `mask` that starts True: a position keeps its value only when `mask` is False
+       or its value is eos; afterwards `<SEP>` sets `mask = False`, `<|endofchunk|>` sets it back to True. So the
+       answer after `<SEP>`, its `<|endofchunk|>`, and every eos count.
+    3. A row cut by truncation (its last real label is neither -100, eos, pad nor `<|endofchunk|>`) has its
+       trailing kept labels removed back to the previous -100 / eos / `<|endofchunk|>`: a truncated answer teaches
+       nothing.
+    """
+    ids = [int(token) for token in input_ids]
+    length = len(ids) if length is None else int(length)
+    labels = [IGNORE_INDEX if (pad_token_id is not None and token == pad_token_id) else token for token in ids]
+    for position in range(length, len(labels)):
+        labels[position] = IGNORE_INDEX
+    if labels:
+        labels[0] = IGNORE_INDEX
+    labels = [IGNORE_INDEX if token == audio_token_id else token for token in labels]
+
+    should_mask = True
+    for position, token in enumerate(labels):
+        if should_mask and token != eos_token_id:
+            labels[position] = IGNORE_INDEX
+        if token == sep_token_id:
+            should_mask = False
+        elif token == end_of_chunk_token_id:
+            should_mask = True
+
+    # The original checks the last column of the padded batch; a truncated row always reaches it (it is
+    # max_length long), an untruncated one ends in eos or padding, so checking the row's own last token is the same.
+    if length > 0 and labels[length - 1] not in (IGNORE_INDEX, eos_token_id, pad_token_id, end_of_chunk_token_id):
+        for position in range(length - 1, -1, -1):
+            if labels[position] in (IGNORE_INDEX, eos_token_id, end_of_chunk_token_id):
+                break
+            labels[position] = IGNORE_INDEX
+    return labels
+
+
+def _audio_input(example: Mapping[str, Any], audio_key: str, sampling_rate_key: str = "sampling_rate"):
+    """The example's audio in a form the feature extractor reads: path, bytes, array dict, or array."""
+    audio = example[audio_key]
+    if hasattr(audio, "get_all_samples"):
+        # datasets >= 4 decodes Audio columns into torchcodec AudioDecoder objects.
+        samples = audio.get_all_samples()
+        return {"array": samples.data.cpu().numpy(), "sampling_rate": int(samples.sample_rate)}
+    if isinstance(audio, Mapping):
+        audio = dict(audio)
+        if audio.get("array") is not None:
+            audio["array"] = np.asarray(audio["array"], dtype=np.float64)
+            return {"array": audio["array"], "sampling_rate": audio.get("sampling_rate")}
+        if audio.get("bytes") is not None:
+            return {"bytes": audio["bytes"], "path": audio.get("path")}
+        if audio.get("path") is not None:
+            return os.fspath(audio["path"])
+        raise ValueError(f"audio dict needs 'array' + 'sampling_rate', 'bytes' or 'path'; got keys {sorted(audio)}.")
+    if isinstance(audio, (str, os.PathLike)):
+        return os.fspath(audio)
+    if example.get(sampling_rate_key) is not None and not isinstance(audio, (bytes, bytearray)):
+        return {"array": np.asarray(audio, dtype=np.float64), "sampling_rate": int(example[sampling_rate_key])}
+    return audio
+
+
+def max_frames(feature_extractor, rate: int) -> int:
+    """Frames of a `rate` Hz source the windows can use: `max_num_window * (window - overlap) + overlap` seconds, as
+    the original reads."""
+    seconds = (
+        feature_extractor.max_num_window * (feature_extractor.window_length - feature_extractor.window_overlap)
+        + feature_extractor.window_overlap
+    )
+    return int(seconds * rate)
+
+
+def read_audio_segment(audio, start: float, feature_extractor) -> dict:
+    """
+    Audio from `start` seconds on, as the original does for an item's `audio_start`: the file is read from that
+    frame for the duration the windows can hold, divided by its peak when a float file exceeds [-1, 1] (over all
+    channels), and its first channel kept. Returns `{"array", "sampling_rate"}` for the feature extractor, which
+    resamples, normalises and windows it as for any input.
+    """
+    import soundfile as sf
+
+    if isinstance(audio, Mapping) and audio.get("array") is not None:
+        rate = int(audio["sampling_rate"])
+        array = np.asarray(audio["array"], dtype=np.float64)
+        offset = int(start * rate)
+        frames_first = array.ndim == 2 and array.shape[0] > array.shape[1]
+        return {
+            "array": array[offset:] if array.ndim == 1 or frames_first else array[:, offset:],
+            "sampling_rate": rate,
+        }
+    source = audio
+    if isinstance(audio, Mapping):
+        source = io.BytesIO(audio["bytes"]) if audio.get("bytes") is not None else audio["path"]
+    elif isinstance(audio, (bytes, bytearray)):
+        source = io.BytesIO(audio)
+    with sf.SoundFile(source) as handle:
+        rate = handle.samplerate
+        handle.seek(min(int(start * rate), handle.frames))
+        data = handle.read(max_frames(feature_extractor, rate), dtype="float64", always_2d=True)
+    if data.size and np.abs(data).max() > 1.0:
+        data = data / np.abs(data).max()
+    return {"array": data[:, 0], "sampling_rate": rate}
+
+
+class AudioFlamingo2DataCollator:
+    """
+    Collates `{"audio", "prompt", "answer"}` examples into a training batch for
+    [`AudioFlamingo2ForConditionalGeneration`], with AF2's training text and label rule.
+
+    Examples may also carry `audio_start` (seconds into the file where the audio begins, as in the original's
+    dataset JSON) and `sampling_rate` (for a bare array). Other keys (`length`, `num_windows`, ...) are ignored.
+    `audio` may be a path, encoded bytes, a float array (with `sampling_rate`), a `datasets` Audio dict
+    (`{"array", "sampling_rate"}`, `{"bytes", "path"}` or `{"path"}`) or a torchcodec `AudioDecoder`. Audio is read
+    and turned into log-mel windows here, so with `dataloader_num_workers > 0` this happens in the data loader
+    workers. With a plain `Trainer`, pass `TrainingArguments(remove_unused_columns=False)` so that these columns reach
+    the collator (`AudioFlamingo2Trainer` always keeps them).
+
+    Args:
+        processor (`AudioFlamingo2Processor`): gives the tokenizer (with AF2's tokens) and the audio front end.
+        max_length (`int`, defaults to 512): token limit of a sample (the original's `max_tokens`); longer samples are
+            truncated and, as in the original, their cut answer is not trained on.
+        pad_to_multiple_of (`int`, *optional*): pad the token length of each batch to a multiple of this.
+        sampling_rate (`int`, *optional*): rate of bare array inputs (arrays in dicts carry their own).
+        audio_key, prompt_key, answer_key (`str`): the examples' keys.
+
+    Returns (from `__call__`): a dict of tensors `input_ids`, `attention_mask`, `labels` `(batch, tokens)` and
+    `input_features` `(batch, windows, frames, mels)`, `input_features_mask` `(batch, windows)`, windows padded to
+    the batch's largest.
+    """
+
+    def __init__(
+        self,
+        processor,
+        max_length: int = 512,
+        pad_to_multiple_of: int | None = None,
+        sampling_rate: int | None = None,
+        audio_key: str = "audio",
+        prompt_key: str = "prompt",
+        answer_key: str = "answer",
+        return_tensors: str = "pt",
+    ):
+        if return_tensors != "pt":
+            raise ValueError(
+                f"AudioFlamingo2DataCollator returns torch tensors only (return_tensors='pt'), got {return_tensors!r}."
+            )
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.feature_extractor = processor.feature_extractor
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.sampling_rate = sampling_rate
+        self.audio_key, self.prompt_key, self.answer_key = audio_key, prompt_key, answer_key
+        tokenizer = self.tokenizer
+        self.audio_token_id = self._token_id(AUDIO_TOKEN)
+        self.end_of_chunk_token_id = self._token_id(END_OF_CHUNK_TOKEN)
+        if tokenizer.sep_token is None or tokenizer.eos_token is None or tokenizer.pad_token is None:
+            raise ValueError(
+                "the tokenizer needs AF2's sep (<SEP>), eos and pad (<|PAD_TOKEN|>) tokens: use the processor of a "
+                "converted AF2 checkpoint."
+            )
+        self.sep_token_id = tokenizer.sep_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {token} token: use the processor of a converted AF2 checkpoint.")
+        return token_id
+
+    def text(self, example: Mapping[str, Any]) -> str:
+        """The training text of one example."""
+        return build_training_text(
+            example[self.prompt_key], example[self.answer_key], self.tokenizer.sep_token, self.tokenizer.eos_token
+        )
+
+    def tokenize(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """`input_ids`, `attention_mask`, `labels` for the examples' texts (right padding)."""
+        encoded = self.tokenizer(
+            [self.text(example) for example in examples],
+            max_length=self.max_length,
+            truncation=True,
+            padding=False,
+        )["input_ids"]
+        width = max(len(ids) for ids in encoded)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            if len(ids) == self.max_length and ids[-1] != self.eos_token_id:
+                logger.warning_once(
+                    f"a training sample is longer than max_length={self.max_length} tokens and was cut; as in the "
+                    "original, its answer is not trained on. Shorten the prompt or raise max_length."
+                )
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, : len(ids)] = torch.tensor(
+                af2_labels(
+                    ids,
+                    audio_token_id=self.audio_token_id,
+                    sep_token_id=self.sep_token_id,
+                    end_of_chunk_token_id=self.end_of_chunk_token_id,
+                    eos_token_id=self.eos_token_id,
+                    pad_token_id=self.pad_token_id,
+                ),
+                dtype=torch.long,
+            )
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def audio_features(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """`input_features`, `input_features_mask` for the examples' audio (windows padded to the batch's largest)."""
+        audios = []
+        for index, example in enumerate(examples):
+            try:
+                audio = _audio_input(example, self.audio_key)
+                start = float(example.get("audio_start") or 0.0)
+                if start > 0:
+                    audio = read_audio_segment(audio, start, self.feature_extractor)
+            except (KeyError, ValueError, TypeError, OSError, RuntimeError) as error:
+                raise ValueError(f"example {index} of the batch: cannot read its audio ({error}).") from error
+            audios.append(audio)
+        features = self.feature_extractor(audios, sampling_rate=self.sampling_rate, return_tensors="pt")
+        return {
+            "input_features": features["input_features"],
+            "input_features_mask": features["input_features_mask"],
+        }
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("AudioFlamingo2DataCollator got an empty batch.")
+        batch = self.tokenize(examples)
+        batch.update(self.audio_features(examples))
+        return batch
+
+
+__all__ = ["AudioFlamingo2DataCollator", "af2_labels", "build_training_text", "read_audio_segment"]
