@@ -1,7 +1,8 @@
 """Audio Flamingo 2 as a first-class transformers model.
 
 Importing this package registers AF2 with transformers' Auto classes (config, model, feature extractor,
-processor), so `AutoModel.from_pretrained(converted_dir)` and friends work.
+processor), so `AutoModel.from_pretrained(converted_dir)` and friends work, and registers the pipeline task
+"audio-text-to-text" (see `transformers_af2.pipelines`).
 """
 
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForMultimodalLM, AutoProcessor
@@ -13,6 +14,7 @@ from .modeling import (
     AudioFlamingo2Model,
     AudioFlamingo2PreTrainedModel,
 )
+from .pipelines import AudioTextToTextPipeline, register_pipelines
 from .processing import AudioFlamingo2FeatureExtractor, AudioFlamingo2Processor
 
 __version__ = "0.1.0"
@@ -23,6 +25,8 @@ AutoModel.register(AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration,
 AutoModelForMultimodalLM.register(AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration, exist_ok=True)
 AutoFeatureExtractor.register(AudioFlamingo2Config, AudioFlamingo2FeatureExtractor, exist_ok=True)
 AutoProcessor.register(AudioFlamingo2Config, AudioFlamingo2Processor, exist_ok=True)
+# pipeline("audio-text-to-text") and AF2 as a supported pipeline("any-to-any") model.
+register_pipelines()
 
 __all__ = [
     "AudioFlamingo2Cache",
@@ -32,4 +36,5 @@ __all__ = [
     "AudioFlamingo2Model",
     "AudioFlamingo2PreTrainedModel",
     "AudioFlamingo2Processor",
+    "AudioTextToTextPipeline",
 ]

@@ -1,0 +1,388 @@
+"""
+`pipeline("audio-text-to-text")` for Audio Flamingo 2, AF2 in `pipeline("any-to-any")`, and the SoundCoT repair step.
+
+`import transformers_af2` calls `register_pipelines()`, after which
+
+```python
+pipe = pipeline("audio-text-to-text", model="af2-3b-hf")            # a converted repository (or a model object)
+pipe(audio="dog.wav", text="What is the sound in this audio?")      # [{"input_text": ..., "generated_text": ...}]
+```
+
+works like any other transformers pipeline (`device`, `dtype`, `batch_size`, generation parameters).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from transformers import AutoModelForMultimodalLM, GenerationConfig
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.base import Pipeline, PipelineDataset, PipelineIterator
+from transformers.utils import logging
+from transformers.utils.chat_template_utils import Chat, is_valid_message
+
+logger = logging.get_logger(__name__)
+
+TASK = "audio-text-to-text"
+
+# The SoundCoT checkpoint and the original's repair step (inference_HF_pretrained/inference_CoT.py).
+SOUNDCOT_REPAIR_SUFFIX = "</REASONING>\n<CONCLUSION>"
+SOUNDCOT_REPAIR_MAX_CHARS = 512
+SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS = 1024
+
+
+def soundcot_repair_prefix(answer: str) -> str | None:
+    """
+    The original SoundCoT repair rule: for an answer (the decoded text after `<SEP>`, not stripped) that opens a
+    `<reasoning>` section but has no `</conclusion>`, the text to append to the prompt before generating again;
+    `None` when no repair is needed.
+
+    As in the original, the answer is lower-cased; the reasoning is cut at `</reasoning>` when present, else the
+    first 512 characters are kept (stripped) and cut at their last `.` (with no `.` at all, the original's
+    `rfind` gives -1 and drops the last character; kept here), and `</REASONING>\\n<CONCLUSION>` is appended.
+    """
+    text = answer.lower()
+    if "<reasoning>" not in text or "</conclusion>" in text:
+        return None
+    if "</reasoning>" in text:
+        kept = text.split("</reasoning>")[0]
+    else:
+        if len(text) >= SOUNDCOT_REPAIR_MAX_CHARS:
+            text = text[:SOUNDCOT_REPAIR_MAX_CHARS].strip()
+        kept = text[: text.rfind(".")]
+    return kept + SOUNDCOT_REPAIR_SUFFIX
+
+
+def _is_chat(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and is_valid_message(value[0])
+
+
+def _is_chat_batch(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(_is_chat(chat) for chat in value)
+
+
+def _is_input_dict(value) -> bool:
+    return isinstance(value, Mapping) and "text" in value and "audio" in value
+
+
+def _is_single_audio(value) -> bool:
+    """One audio (path, bytes, array, tensor, datasets dict, or a plain list of samples) rather than a batch."""
+    if isinstance(value, (str, os.PathLike, bytes, bytearray, np.ndarray, torch.Tensor)):
+        return True
+    if isinstance(value, Mapping):  # a `datasets` Audio dict, not a message or an input dict
+        return bool({"array", "path", "bytes"} & set(value)) and not ({"role", "text", "content"} & set(value))
+    if hasattr(value, "read"):
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], (int, float, np.number))
+
+
+class AudioTextToTextPipeline(Pipeline):
+    """
+    Answers questions about audio with Audio Flamingo 2.
+
+    Inputs, any of:
+      - `pipe(audio=..., text=question)`: audio is a file path, bytes, a float array (with `sampling_rate=`), a
+        `datasets` audio dict, or a list of them; `text` is a question or a list of questions (a single question
+        goes with every audio, a single audio with every question);
+      - chat messages, `pipe(messages)` or `pipe(text=messages)`, or a list of conversations:
+        `[{"role": "user", "content": [{"type": "audio", "path": "dog.wav"}, {"type": "text", "text": "..."}]}]`
+        (rendered by the processor's chat template into the same prompt as the plain question; a final assistant
+        message is continued, i.e. prefilled);
+      - dicts `{"audio": ..., "text": ...}`, lists, generators or datasets of them.
+
+    Returns, per input, a list of `{"input_text": question or messages, "generated_text": answer}` (one entry per
+    returned sequence); a batch of inputs gives a list of such lists. The answer is the clean text the model wrote
+    after `<SEP>`: no special tokens, no prompt. `return_tensors=True` adds `generated_token_ids`, the new tokens up to
+    and including eos.
+
+    Parameters of a call (or of `pipeline(...)`): `max_new_tokens`, any other `generate` argument (`do_sample`,
+    `top_k`, `streamer`, `generation_config`, ...) or `generate_kwargs={...}`; `sampling_rate` for array inputs;
+    `batch_size`; `soundcot_repair=True` for AF2-SoundCoT: an answer that opened `<REASONING>` but never wrote
+    `</CONCLUSION>` is repaired as the original did (see `soundcot_repair_prefix`): its text is then the cut,
+    lower-cased reasoning, `</REASONING>\\n<CONCLUSION>` and the second pass's continuation (whose tokens are its
+    `generated_token_ids`); every entry then says whether it was repaired in `"soundcot_repaired"`.
+
+    Batches are left-padded; padded audio windows are masked and never encoded, so a batch gives each input the ids
+    it gets alone (up to floating-point noise of batched matmuls).
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    _pipeline_calls_generate = True
+    _default_generation_config = GenerationConfig(max_new_tokens=256)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is None or not hasattr(self.processor, "decode_answers"):
+            raise ValueError(
+                f"{TASK} needs the AudioFlamingo2Processor of the model; pass "
+                "processor=AutoProcessor.from_pretrained(...) or a converted repository as model."
+            )
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
+
+        self.check_model_type(MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES)
+
+    # -- parameters -----------------------------------------------------------------------------------------------
+    def _sanitize_parameters(
+        self,
+        sampling_rate=None,
+        max_new_tokens=None,
+        generate_kwargs=None,
+        return_tensors=None,
+        soundcot_repair=None,
+        **kwargs,
+    ):
+        preprocess_params, forward_params, postprocess_params = {}, {}, {}
+        if sampling_rate is not None:
+            preprocess_params["sampling_rate"] = sampling_rate
+        generate = dict(generate_kwargs or {})
+        # Anything else is a generate() argument (streamer, logits_processor, ...); generate() rejects unknown ones.
+        generate.update(kwargs)
+        if max_new_tokens is not None:
+            if "max_new_tokens" in generate:
+                raise ValueError("max_new_tokens is given twice, directly and in generate_kwargs; keep one.")
+            generate["max_new_tokens"] = max_new_tokens
+        if generate:
+            forward_params["generate_kwargs"] = generate
+        if soundcot_repair is not None:
+            forward_params["soundcot_repair"] = bool(soundcot_repair)
+            postprocess_params["soundcot_repair"] = bool(soundcot_repair)
+        if return_tensors is not None:
+            postprocess_params["return_tensors"] = bool(return_tensors)
+        return preprocess_params, forward_params, postprocess_params
+
+    # -- inputs ---------------------------------------------------------------------------------------------------
+    def __call__(self, audio=None, text=None, **kwargs):
+        """
+        Args:
+            audio: an audio input or a list of them; or, alone, chat messages, an input dict, or a list, generator or
+                dataset of those.
+            text: a question, a list of questions, or chat messages.
+        Returns:
+            A list of answer dicts for one input; a list of such lists for a list of inputs.
+        """
+        if (
+            text is None
+            and audio is not None
+            and not _is_single_audio(audio)
+            and not (isinstance(audio, (list, tuple)) and audio and all(_is_single_audio(a) for a in audio))
+        ):
+            # Chats, input dicts, generators, datasets: the base class batches them.
+            return super().__call__(audio, **kwargs)
+        if text is not None and (_is_chat(text) or _is_chat_batch(text)):
+            if audio is not None:
+                raise ValueError(
+                    "chat input carries its audio in the messages ({'type': 'audio', 'path': ...}); do not pass audio="
+                )
+            return super().__call__(text, **kwargs)
+        if audio is None or text is None:
+            raise ValueError(
+                f"{TASK} needs audio= and text= (a question), or chat messages with an audio item; got "
+                f"{'no audio' if audio is None else 'no text'}."
+            )
+        audio_batched, text_batched = not _is_single_audio(audio), not isinstance(text, str)
+        audios = list(audio) if audio_batched else [audio]
+        texts = list(text) if text_batched else [text]
+        if not audios or not texts:
+            raise ValueError("audio and text must not be empty lists.")
+        if len(texts) == 1 and len(audios) > 1:
+            texts = texts * len(audios)
+        elif len(audios) == 1 and len(texts) > 1:
+            audios = audios * len(texts)
+        if len(audios) != len(texts):
+            raise ValueError(
+                f"got {len(audios)} audios and {len(texts)} questions; pass one question per audio (or one for all)."
+            )
+        for question in texts:
+            if not isinstance(question, str):
+                raise TypeError(
+                    f"text must be a string, a list of strings or chat messages; got {type(question).__name__}."
+                )
+        items = [{"audio": a, "text": t} for a, t in zip(audios, texts)]
+        if not audio_batched and not text_batched:
+            return super().__call__(items[0], **kwargs)
+        return super().__call__(items, **kwargs)
+
+    def preprocess(self, inputs, sampling_rate=None):
+        if isinstance(inputs, Chat):
+            messages = inputs.messages
+            prefill = messages[-1]["role"] == "assistant"
+            encoded = self.processor.apply_chat_template(
+                messages,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                continue_final_message=prefill,
+                processor_kwargs={"sampling_rate": sampling_rate} if sampling_rate else None,
+            )
+            prompt_text = self.processor.apply_chat_template(messages, continue_final_message=prefill)
+            input_text = messages
+        elif _is_input_dict(inputs):
+            question = inputs["text"]
+            encoded = self.processor(
+                text=[question], audio=[inputs["audio"]], sampling_rate=inputs.get("sampling_rate", sampling_rate)
+            )
+            prompt_text = self.processor.build_prompt(question)
+            input_text = question
+        else:
+            raise ValueError(
+                f"{TASK}: cannot read an input of type {type(inputs).__name__}; pass audio= and text=, chat messages, "
+                "or {'audio': ..., 'text': ...} dicts."
+            )
+        model_inputs = dict(encoded)
+        model_inputs["meta"] = [{"prompt_text": prompt_text, "input_text": input_text}]
+        return model_inputs
+
+    def _collate(self, items: list[dict]) -> dict:
+        """Left-pads a batch of single-input encodings as the processor does for a list of inputs."""
+        pad_id = self.processor.tokenizer.pad_token_id
+        length = max(item["input_ids"].shape[1] for item in items)
+        windows = max(item["input_features"].shape[1] for item in items)
+        batch = {"input_ids": [], "attention_mask": [], "input_features": [], "input_features_mask": [], "meta": []}
+        for item in items:
+            ids, mask = item["input_ids"], item["attention_mask"]
+            missing = length - ids.shape[1]
+            batch["input_ids"].append(torch.cat([ids.new_full((1, missing), pad_id), ids], dim=1))
+            batch["attention_mask"].append(torch.cat([mask.new_zeros((1, missing)), mask], dim=1))
+            features, window_mask = item["input_features"], item["input_features_mask"]
+            extra = windows - features.shape[1]
+            # Padded windows are masked out and never reach the audio tower, so their values do not matter.
+            batch["input_features"].append(
+                torch.cat([features, features.new_zeros((1, extra, *features.shape[2:]))], dim=1)
+            )
+            batch["input_features_mask"].append(torch.cat([window_mask, window_mask.new_zeros((1, extra))], dim=1))
+            batch["meta"].extend(item["meta"])
+        return {key: value if key == "meta" else torch.cat(value) for key, value in batch.items()}
+
+    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
+        # As Pipeline.get_iterator, with a collate function that pads like the processor (left, window masks).
+        from torch.utils.data import DataLoader
+
+        if isinstance(inputs, (list, tuple)) or hasattr(inputs, "__len__") and hasattr(inputs, "__getitem__"):
+            dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        else:
+            num_workers = min(num_workers, 1)
+            dataset = PipelineIterator(inputs, self.preprocess, preprocess_params)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        dataloader = DataLoader(dataset, num_workers=num_workers, batch_size=batch_size, collate_fn=self._collate)
+        model_iterator = PipelineIterator(dataloader, self.forward, forward_params, loader_batch_size=batch_size)
+        return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
+
+    # -- generation -----------------------------------------------------------------------------------------------
+    def _forward(self, model_inputs, generate_kwargs=None, soundcot_repair=False):
+        meta = model_inputs.pop("meta")
+        generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
+        new_tokens = self._generate_new_tokens(model_inputs, generate_kwargs)
+        batch = model_inputs["input_ids"].shape[0]
+        per_input = len(new_tokens) // batch
+        prefixes = [None] * len(new_tokens)
+        if soundcot_repair:
+            new_tokens, prefixes = self._soundcot_repair(model_inputs, meta, new_tokens, per_input, generate_kwargs)
+        items = []
+        for row in range(batch):
+            span = slice(row * per_input, (row + 1) * per_input)
+            items.append({**meta[row], "token_ids": new_tokens[span], "prefixes": prefixes[span]})
+        return {"items": items}
+
+    def _generate_new_tokens(self, model_inputs, generate_kwargs) -> list[list[int]]:
+        """`generate`, then each returned sequence's new tokens up to and including its first eos."""
+        output = self.model.generate(**model_inputs, **generate_kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        new = sequences[:, model_inputs["input_ids"].shape[1] :].tolist()
+        config = generate_kwargs.get("generation_config") or self.model.generation_config
+        eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        trimmed = []
+        for tokens in new:
+            end = next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
+            trimmed.append(tokens[:end])
+        return trimmed
+
+    def _soundcot_repair(self, model_inputs, meta, new_tokens, per_input, generate_kwargs):
+        """The original's second pass for answers that reason without concluding (see `soundcot_repair_prefix`)."""
+        prefixes = [
+            soundcot_repair_prefix(self.processor.decode_answers([tokens], skip_special_tokens=False, strip=False)[0])
+            for tokens in new_tokens
+        ]
+        todo = [index for index, prefix in enumerate(prefixes) if prefix is not None]
+        if not todo:
+            return new_tokens, prefixes
+        tokenizer = self.processor.tokenizer
+        prompts = [meta[index // per_input]["prompt_text"] + prefixes[index] for index in todo]
+        # The original tokenises the repaired prompt with max_length=1024, truncation on.
+        encoded = tokenizer(prompts, truncation=True, max_length=SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS)
+        padded = tokenizer.pad(encoded, padding_side="left", return_tensors="pt")
+        rows = torch.tensor([index // per_input for index in todo], device=model_inputs["input_features"].device)
+        repair_inputs = {
+            "input_ids": padded["input_ids"].to(model_inputs["input_ids"].device),
+            "attention_mask": padded["attention_mask"].to(model_inputs["input_ids"].device),
+            "input_features": model_inputs["input_features"][rows],
+            "input_features_mask": model_inputs["input_features_mask"][rows],
+        }
+        logger.info(f"SoundCoT: {len(todo)} answer(s) reasoned without a conclusion; generating again.")
+        repaired = self._generate_new_tokens(repair_inputs, {**generate_kwargs, "num_return_sequences": 1})
+        new_tokens = list(new_tokens)
+        for position, index in enumerate(todo):
+            new_tokens[index] = repaired[position]
+        return new_tokens, prefixes
+
+    # -- outputs --------------------------------------------------------------------------------------------------
+    def postprocess(self, model_outputs, return_tensors=False, soundcot_repair=False):
+        items = model_outputs["items"]
+        item = items[0] if isinstance(items, list) else items
+        records = []
+        for tokens, prefix in zip(item["token_ids"], item["prefixes"]):
+            answer = self.processor.decode_answers([tokens])[0]
+            record = {"input_text": item["input_text"], "generated_text": answer}
+            if prefix is not None:
+                # As the original: the answer is what follows <SEP> in the repaired sequence.
+                record["generated_text"] = (prefix + self.processor.decode_answers([tokens], strip=False)[0]).strip()
+            if soundcot_repair:
+                record["soundcot_repaired"] = prefix is not None
+            if return_tensors:
+                record["generated_token_ids"] = torch.tensor(tokens, dtype=torch.long)
+            records.append(record)
+        return records
+
+
+def _add_to_multimodal_lm_names() -> None:
+    """
+    `AnyToAnyPipeline` checks the model class against `MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES`. transformers 5.23
+    also reads the models registered with `AutoModelForMultimodalLM.register` from there (through the names dict's
+    `_model_mapping` back-reference); where that back-reference is missing, AF2 is added to the names so that
+    any-to-any does not log "not supported". The lazy mapping behind the Auto class only reads names of model types
+    in `CONFIG_MAPPING_NAMES`, so the entry changes nothing else.
+    """
+    from transformers.models.auto import modeling_auto
+
+    from .modeling import AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration
+
+    names = modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
+    if getattr(names, "_model_mapping", None) is None:
+        names.setdefault(AudioFlamingo2Config.model_type, AudioFlamingo2ForConditionalGeneration.__name__)
+
+
+def register_pipelines() -> None:
+    """Registers the `audio-text-to-text` task and makes AF2 a supported `any-to-any` model. Idempotent."""
+    _add_to_multimodal_lm_names()
+    registered = PIPELINE_REGISTRY.supported_tasks.get(TASK)
+    if registered is None or registered.get("impl") is not AudioTextToTextPipeline:
+        PIPELINE_REGISTRY.register_pipeline(
+            TASK, pipeline_class=AudioTextToTextPipeline, pt_model=AutoModelForMultimodalLM, type="multimodal"
+        )
+
+
+__all__ = [
+    "SOUNDCOT_REPAIR_SUFFIX",
+    "TASK",
+    "AudioTextToTextPipeline",
+    "register_pipelines",
+    "soundcot_repair_prefix",
+]
