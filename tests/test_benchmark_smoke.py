@@ -1,0 +1,132 @@
+"""Smoke test of benchmarks/benchmark.py: the `tiny` shape end to end, every item, in a fresh process.
+
+No timing thresholds: only that every measurement exists and is a finite positive number (or a count >= 0)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
+
+AUDIO_KEYS = ("10", "30", "120")
+TIMED_BY_AUDIO = ("front_end_s", "audio_encode_s", "prefill_s", "decode_step_s")
+TARGETS = (
+    "decode_120s_over_10s",
+    "decode_over_scaled_floor",
+    "decode_over_scaled_floor_all_xattn_params",
+    "batch4_speedup",
+    "tower_sdpa_speedup_over_eager",
+    "peak_rss_120s_generate_over_fp32_weights",
+    "bfloat16_peak_rss_over_fp32_peak_rss",
+    "bfloat16_from_float32_checkpoint_peak_rss_over_fp32_peak_rss",
+    "weights_held_after_load_over_weights_float32",
+    "weights_held_after_load_over_weights_bfloat16",
+    "weights_held_after_load_over_weights_bfloat16_from_float32_checkpoint",
+    "compile_graph_breaks_per_step",
+)
+
+
+def _positive(value, name):
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} = {value!r} is not a number"
+    assert math.isfinite(value) and value > 0, f"{name} = {value!r} is not finite and positive"
+
+
+def _timing(entry, name, repeats):
+    _positive(entry["median"], f"{name}.median")
+    assert len(entry["runs"]) == repeats, f"{name} has {len(entry['runs'])} runs, expected {repeats}"
+    for index, run in enumerate(entry["runs"]):
+        _positive(run, f"{name}.runs[{index}]")
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchmark") / "tiny.json"
+    command = [
+        sys.executable, str(BENCHMARK), "--shape", "tiny", "--threads", "2", "--repeats", "2", "--warmup", "0",
+        "--new-tokens", "3", "--decode-steps", "2", "--quiet-wait", "0", "--attempts", "1", "--json-out", str(out),
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "torch threads: 2" in completed.stdout
+    assert "| decode step (1 token, cached), 120 s audio" in completed.stdout
+    return json.loads(out.read_text())
+
+
+def test_metadata(tiny_results):
+    assert tiny_results["shape"] == "tiny"
+    assert tiny_results["threads"] == 2
+    assert tiny_results["repeats"] == 2
+    for key in ("torch", "transformers", "machine", "command", "decode_step_method"):
+        assert tiny_results[key], key
+    params = tiny_results["params"]
+    for key in ("total", "audio_tower", "audio_transformer", "language_model", "cross_attention",
+                "cross_attention_per_step", "bare_lm"):  # fmt: skip
+        _positive(params[key], f"params.{key}")
+    assert params["cross_attention_per_step"] < params["cross_attention"]
+    # The bare LM is the AF2 language model without its cross-attention blocks.
+    assert params["bare_lm"] == params["language_model"]
+    _positive(tiny_results["weights_bytes"], "weights_bytes")
+    _positive(tiny_results["peak_rss_main_bytes"], "peak_rss_main_bytes")
+
+
+def test_every_stage_is_timed(tiny_results):
+    repeats = tiny_results["repeats"]
+    for key in TIMED_BY_AUDIO:
+        assert set(tiny_results[key]) == set(AUDIO_KEYS), key
+        for seconds in AUDIO_KEYS:
+            _timing(tiny_results[key][seconds], f"{key}.{seconds}", repeats)
+    tower = tiny_results["audio_tower_30s_s"]
+    _timing(tower["sdpa"], "audio_tower_30s_s.sdpa", repeats)
+    _timing(tower["eager"], "audio_tower_30s_s.eager", repeats)
+    assert tower["windows"] == 3
+    _timing(tiny_results["bare_lm_decode_step_s"], "bare_lm_decode_step_s", repeats)
+    assert set(tiny_results["generate_s"]) == {"10", "120"}
+    for seconds in ("10", "120"):
+        _timing(tiny_results["generate_s"][seconds], f"generate_s.{seconds}", repeats)
+        # A difference of two medians: finite, but on a tiny model it may be noise around zero.
+        assert math.isfinite(tiny_results["decode_step_from_generate_s"][seconds])
+    batch = tiny_results["batch4"]
+    _timing(batch["batched_s"], "batch4.batched_s", repeats)
+    _timing(batch["one_by_one_s"], "batch4.one_by_one_s", repeats)
+    _positive(batch["speedup"], "batch4.speedup")
+    assert batch["audio_seconds"] == [10, 30, 60, 120] and batch["new_tokens"] == 3
+
+
+def test_load_and_memory(tiny_results):
+    load = tiny_results["load_s"]
+    _timing(load, "load_s", tiny_results["repeats"])
+    assert load["dtype"] == "float32"
+    for key in ("weights_bytes", "rss_baseline_bytes", "rss_after_load_bytes", "rss_after_reading_weights_bytes",
+                "peak_rss_bytes"):  # fmt: skip
+        _positive(load[key], f"load_s.{key}")
+    rss = tiny_results["rss_generate_120s"]
+    assert set(rss) == {"float32", "bfloat16", "bfloat16_from_float32_checkpoint"}
+    for name, child in rss.items():
+        for key in ("load_s", "generate_s", "peak_rss_bytes", "rss_baseline_bytes", "weights_bytes",
+                    "weights_bytes_fp32"):  # fmt: skip
+            _positive(child[key], f"rss_generate_120s.{name}.{key}")
+        for stage in ("after_load", "after_reading_weights", "after_generate"):
+            _positive(child[stage]["rss_bytes"], f"rss_generate_120s.{name}.{stage}.rss_bytes")
+        assert child["peak_rss_bytes"] >= child["after_generate"]["rss_bytes"] * 0.99
+        assert child["checksum_is_finite"]
+        assert child["audio_seconds"] == 120 and child["new_tokens"] == 3
+    assert rss["bfloat16"]["checkpoint_dtype"] == "bfloat16"
+    assert rss["bfloat16_from_float32_checkpoint"]["checkpoint_dtype"] == "float32"
+    # The bf16 processes really hold bf16 weights: half the fp32 bytes.
+    for name in ("bfloat16", "bfloat16_from_float32_checkpoint"):
+        assert rss[name]["weights_bytes"] * 2 == rss["float32"]["weights_bytes"], name
+        assert rss[name]["dtype"] == "torch.bfloat16", name
+
+
+def test_compile_and_targets(tiny_results):
+    compiled = tiny_results["compile_decode_step"]
+    assert compiled["graph_count"] >= 1 and compiled["graph_break_count"] >= 0
+    targets = tiny_results["targets"]
+    assert set(TARGETS) <= set(targets), sorted(set(TARGETS) - set(targets))
+    for name, target in targets.items():
+        assert math.isfinite(target["value"]) and target["value"] >= 0, name
+        assert isinstance(target["met"], bool) and target["op"] in ("<=", ">="), name
