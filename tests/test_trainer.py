@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import yaml
+from conftest import fixture_params, write_original_config
 from transformers import TrainingArguments
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 
@@ -42,8 +42,6 @@ from transformers_af2.trainer import (
 from transformers_af2.trainer.cli import add_train_parser
 from transformers_af2.trainer.stages import component_modules
 
-PARITY_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "parity"
-FIXTURES = sorted(p for p in PARITY_ROOT.glob("fixture_*") if (p / "reference.json").is_file())
 LOSS_TOLERANCE = 1e-4
 COMPONENT_PREFIXES = {"audio_tower": "model.audio_tower.", "audio_transformer": "model.audio_transformer."}
 SAMPLING_RATE = 16000
@@ -59,16 +57,10 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-def _fixture_params():
-    if not FIXTURES:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no parity fixture under {PARITY_ROOT}"))]
-    return [pytest.param(path, id=path.name) for path in FIXTURES]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Parity with the original's training batch (fixture_*: batch.input_ids / batch.labels / batch.loss)
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=_fixture_params())
+@pytest.fixture(scope="module", params=fixture_params())
 def converted(request, tmp_path_factory):
     from safetensors.torch import load_file
 
@@ -77,16 +69,7 @@ def converted(request, tmp_path_factory):
     fixture_dir = request.param
     work = tmp_path_factory.mktemp(f"trainer_{fixture_dir.name}")
     ref = json.loads((fixture_dir / "reference.json").read_text())
-    cfg = {
-        "clap_config": ref["clap_config"],
-        "model_config": {
-            "cross_attn_every_n_layers": ref["xattn_every"],
-            "audio_transformer_kwargs": ref["audio_transformer"],
-            "lang_encoder_path": str(fixture_dir / "base_lm_config.json"),
-            "tokenizer_path": str(fixture_dir / "base_tokenizer"),
-        },
-    }
-    (work / "inference.yaml").write_text(yaml.safe_dump(cfg))
+    write_original_config(fixture_dir, work / "inference.yaml")
     model, processor = convert_checkpoint(fixture_dir / "original", None, config=work / "inference.yaml")
     examples = [
         {"audio": str(fixture_dir / "audio" / name), "prompt": prompt, "answer": answer}
