@@ -273,6 +273,11 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         mel = torch.matmul(power.transpose(1, 2), filters.to(power.device))
         return 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
 
+    def fetch_audio(self, audio, sampling_rate: int | None = None):
+        """Returns paths, bytes and arrays unchanged: `__call__` reads them itself with AF2's semantics (first
+        channel, soxr resampling). transformers' default would decode files here and average the channels."""
+        return audio
+
     # -- batch -------------------------------------------------------------------------------------------------
     def __call__(self, audio, sampling_rate: int | None = None, return_tensors: str | None = "pt", **kwargs):
         """
