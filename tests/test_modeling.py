@@ -1,5 +1,8 @@
 """Invariants of the model on tiny random configs: caching, batching, beams, gates, backends, save/load, errors."""
 
+import gc
+import os
+
 import pytest
 import torch
 from conftest import random_audio_inputs, tiny_config, tiny_model
@@ -92,7 +95,49 @@ def test_audio_is_encoded_once_per_generate():
     features, features_mask = random_audio_inputs([3, 1])
     ids, mask = _prompts([6, 4])
     _greedy(model, input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask)
-    assert calls == [4]  # one tower call, on the 4 valid windows only (the padded one is never encoded)
+    # On CPU the tower takes one window per call: 4 calls for the 4 valid windows (the padded one is never encoded),
+    # and none during the decoding steps.
+    assert calls == [1, 1, 1, 1]
+
+
+def test_windows_per_tower_call_changes_nothing_but_the_calls():
+    model = tiny_model()
+    calls = []
+    model.model.audio_tower.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    features, features_mask = random_audio_inputs([3, 1, 2])
+    with torch.no_grad():
+        one_by_one, token_mask = model.get_audio_features(features, features_mask)
+        assert calls == [1] * 6
+        together, token_mask_together = model.get_audio_features(features, features_mask, windows_per_tower_call=6)
+        assert calls[6:] == [6]
+        model.get_audio_features(features, features_mask, windows_per_tower_call=4)
+        assert calls[7:] == [4, 2]
+    assert torch.equal(token_mask, token_mask_together)
+    torch.testing.assert_close(one_by_one, together, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="windows_per_tower_call"):
+        model.get_audio_features(features, features_mask, windows_per_tower_call=0)
+
+
+def test_audio_transformer_skips_batch_padding_without_changing_real_tokens():
+    """Each sample's windows go through the audio transformer without the batch's trailing padding; its real tokens
+    must equal those of one call over the whole padded batch (what the original computes)."""
+    model = tiny_model()
+    features, features_mask = random_audio_inputs([3, 1, 3, 2])
+    calls = []
+    model.model.audio_transformer.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[:2]))
+    with torch.no_grad():
+        audio_embeds, token_mask = model.get_audio_features(features, features_mask)
+        tokens = audio_embeds.shape[1] // 3
+        # samples of equal length share one call: lengths 1, 2 and 3 windows
+        assert calls == [(1, tokens), (1, 2 * tokens), (2, 3 * tokens)]
+        window_tokens = torch.stack([
+            model.model.audio_tower(features[b, :, None]).last_hidden_state.flatten(2).transpose(1, 2)
+            for b in range(4)
+        ]).reshape(4, 3 * tokens, -1)  # fmt: skip
+        window_tokens = window_tokens * token_mask[..., None]
+        padded_batch = model.model.audio_transformer(window_tokens, token_mask)
+    torch.testing.assert_close(audio_embeds[token_mask], padded_batch[token_mask], atol=1e-5, rtol=0)
+    assert torch.count_nonzero(audio_embeds[~token_mask]) == 0
 
 
 def test_batched_generate_equals_one_by_one():
@@ -194,6 +239,28 @@ def test_device_map_loading_gives_the_same_logits(tmp_path, device_map):
     expected = model(input_ids=ids, input_features=features, input_features_mask=features_mask).logits
     got = loaded(input_ids=ids, input_features=features, input_features_mask=features_mask).logits
     assert torch.equal(got, expected)
+
+
+def _mappings_of(path) -> list[str]:
+    with open("/proc/self/maps") as handle:
+        return [line for line in handle if line.rstrip().endswith(str(path))]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's memory map (Linux)")
+def test_loading_with_a_cast_does_not_keep_the_checkpoint_mapped(tmp_path):
+    """A float32 checkpoint loaded in bfloat16: once loaded, no tensor may still point into the float32 file
+    (a single integer buffer left there would keep the whole file mapped and resident beside the bf16 copy)."""
+    tiny_model(seed=1).save_pretrained(tmp_path)
+    weights_file = (tmp_path / "model.safetensors").resolve()
+    same_dtype = AutoModel.from_pretrained(tmp_path)  # float32 as saved: weights stay lazily mapped, one copy
+    assert _mappings_of(weights_file)
+    del same_dtype
+    gc.collect()
+    model = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    gc.collect()
+    assert _mappings_of(weights_file) == []
+    index = model.model.audio_tower.layers[0].blocks[0].attention.self.relative_position_index
+    assert index.dtype == torch.int64 and index.shape[0] == index.shape[1]
 
 
 def test_bfloat16_load_and_generate(tmp_path):
