@@ -34,6 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:
+    import transformers_af2  # noqa: F401  (registers AF2 with transformers' Auto classes)
+except ImportError:  # a clean clone that was not pip-installed: use its src/ directly
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import transformers_af2  # noqa: F401
+
 # --------------------------------------------------------------------------------------------------------------
 # Shapes
 # --------------------------------------------------------------------------------------------------------------
@@ -421,19 +427,35 @@ def bench_audio_encode(args, model, device, results):
 
 
 def bench_tower_eager(args, model, device, results):
-    """The HTSAT tower alone on 3 windows: SDPA window attention (the default) against transformers' eager path."""
+    """The HTSAT tower alone on 3 windows: SDPA window attention (the default) against transformers' eager path.
+    The two alternate run by run (the order flipping every round), so that drift of the machine hits both alike."""
     tower = model.model.audio_tower
     audio_config = model.config.audio_config
     features, _ = audio_features([30], device)
     windows = features[0].unsqueeze(1).to(dtype=next(tower.parameters()).dtype)
     saved = audio_config._attn_implementation
-    out = {}
+    single = argparse.Namespace(**{**vars(args), "repeats": 1, "warmup": 0})
+    rounds = {"sdpa": [], "eager": []}
     try:
         for name in ("sdpa", "eager"):
-            audio_config._attn_implementation = name
-            out[name] = measure(lambda: tower(windows), args, device)
+            for _ in range(args.warmup):
+                audio_config._attn_implementation = name
+                tower(windows)
+        for index in range(args.repeats):
+            for name in ("sdpa", "eager") if index % 2 == 0 else ("eager", "sdpa"):
+                audio_config._attn_implementation = name
+                rounds[name].append(measure(lambda: tower(windows), single, device))
     finally:
         audio_config._attn_implementation = saved
+    out = {}
+    for name, entries in rounds.items():
+        runs = [e["runs"][0] for e in entries]
+        out[name] = {
+            "median": statistics.median(runs),
+            "runs": runs,
+            "others_cores": [e["others_cores"][0] for e in entries],
+            "discarded": sum(e["discarded"] for e in entries),
+        }
     out["windows"] = windows.shape[0]
     out["eager_over_sdpa"] = out["eager"]["median"] / out["sdpa"]["median"]
     results["audio_tower_30s_s"] = out
@@ -552,6 +574,13 @@ def bench_batch(args, model, device, results):
         "one_by_one_s": measure(one_by_one, args, device),
     }
     out["speedup"] = out["one_by_one_s"]["median"] / out["batched_s"]["median"]
+    # Decoding alone: one step of the padded batch (4 tokens) against one step of a single sequence.
+    out["decode_step_s"] = decode_step_time(model, device, args, ids, mask, input_features=features,
+                                            input_features_mask=features_mask)  # fmt: skip
+    single = results.get("decode_step_s")
+    if single:
+        mean_single = statistics.mean(entry["median"] for entry in single.values())
+        out["decode_throughput_speedup"] = len(BATCH_AUDIO_SECONDS) * mean_single / out["decode_step_s"]["median"]
     results["batch4"] = out
 
 
@@ -789,13 +818,18 @@ def format_table(results) -> str:
         reference = original.get("generate_32_s", {}).get(seconds) if results["new_tokens"] == 32 else None
         timing(f"generate {results['new_tokens']} tokens, {seconds} s audio", entry, reference)
     for seconds, value in results.get("decode_step_from_generate_s", {}).items():
-        rows.append((f"(generate - prefill) / {results['new_tokens']}, {seconds} s audio", ms(value), "", ""))
+        rows.append((f"(generate - prefill) / {results['new_tokens']}, {seconds} s audio (indicative)", ms(value), "",
+                     ""))  # fmt: skip
     if "batch4" in results:
         batch = results["batch4"]
         timing(f"batch of 4 (10/30/60/120 s audio), left-padded, {batch['new_tokens']} tokens", batch["batched_s"])
         timing("the same 4 one at a time", batch["one_by_one_s"])
         rows.append(("batch-of-4 throughput / one at a time", f"{batch['speedup']:.2f}x",
                      f"{original['batch4_speedup']:.2f}x" if original else "", ""))  # fmt: skip
+        timing("decode step of that batch (4 tokens)", batch["decode_step_s"])
+        if "decode_throughput_speedup" in batch:
+            rows.append(("decoding alone: batch-of-4 tokens/s / single-sequence tokens/s",
+                         f"{batch['decode_throughput_speedup']:.2f}x", "", ""))  # fmt: skip
     if "load_s" in results:
         load = results["load_s"]
         timing(f"load saved {load['dtype']} checkpoint (from_pretrained, fresh process)", load)
@@ -901,6 +935,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "machine": machine_description(),
+        "environment": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "MALLOC_", "LD_PRELOAD"))},
         "command": " ".join([os.path.basename(sys.executable), "benchmarks/benchmark.py", *sys.argv[1:]])
         if argv is None
         else "benchmark.main(" + repr(argv) + ")",

@@ -93,6 +93,8 @@ def test_every_stage_is_timed(tiny_results):
     _timing(batch["batched_s"], "batch4.batched_s", repeats)
     _timing(batch["one_by_one_s"], "batch4.one_by_one_s", repeats)
     _positive(batch["speedup"], "batch4.speedup")
+    _timing(batch["decode_step_s"], "batch4.decode_step_s", repeats)
+    _positive(batch["decode_throughput_speedup"], "batch4.decode_throughput_speedup")
     assert batch["audio_seconds"] == [10, 30, 60, 120] and batch["new_tokens"] == 3
 
 
