@@ -276,6 +276,38 @@ class AudioFlamingo2AudioTransformer(nn.Module):
         return hidden_states
 
 
+class FewRowsLinear(nn.Linear):
+    """
+    `nn.Linear` (same parameters, same result) that multiplies a few rows on CPU in the `weight @ input^T` order.
+
+    Decoding steps of a batch and short prompts feed the language model's linear layers 2-16 rows. For such
+    shapes MKL's `input @ weight^T` runs well below the memory-bound speed it reaches for one row (it packs the
+    large weight), while `weight @ input^T` streams the weight once. Measured on 2 cores for AF2-0.5B's shapes:
+    the 24 layers' linears for 4 rows take 318 ms one way and 199 ms the other (16 rows: 280 / 239 ms; 1 row:
+    the same), and the 151669 x 896 head 101 ms against 40 ms for 4 rows. Elsewhere (GPU, one row, many rows)
+    this is `nn.Linear.forward`.
+    """
+
+    max_rows = 16
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rows = input.shape[:-1].numel()
+        if input.device.type != "cpu" or not 1 < rows <= self.max_rows:
+            return super().forward(input)
+        output = torch.mm(self.weight, input.reshape(rows, self.in_features).t()).t()
+        if self.bias is not None:
+            output = output + self.bias
+        return output.reshape(*input.shape[:-1], self.out_features)
+
+
+def _use_few_rows_linears(module: nn.Module) -> None:
+    """Turns the plain `nn.Linear`s under `module` (Qwen2's own included) into `FewRowsLinear`s: same parameters,
+    same state-dict names, only the CPU matmul order for a few rows changes."""
+    for submodule in module.modules():
+        if type(submodule) is nn.Linear:
+            submodule.__class__ = FewRowsLinear
+
+
 class AudioFlamingo2GatedCrossAttention(nn.Module):
     """
     Flamingo's gated cross-attention block: text positions attend to all audio tokens of their sample, then a
@@ -348,6 +380,7 @@ class AudioFlamingo2DecoderLayer(Qwen2DecoderLayer):
         self.layer_idx = layer_idx
         has_cross_attention = layer_idx in config.cross_attention_layers
         self.cross_attn = AudioFlamingo2GatedCrossAttention(config) if has_cross_attention else None
+        _use_few_rows_linears(self)
 
     def forward(
         self,
@@ -624,7 +657,7 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__(config)
         self.model = AudioFlamingo2Model(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = FewRowsLinear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):
