@@ -388,29 +388,35 @@ def test_decode_step_compiles_without_graph_breaks():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 24), (3, 24), (2, 8, 24), (16, 24), (17, 24), (2, 0, 24)])
-def test_few_rows_linear_equals_nn_linear(shape, bias):
-    from transformers_af2.modeling.modeling_audioflamingo2 import FewRowsLinear
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("shape", [(1, 24), (3, 24), (2, 8, 24), (16, 24), (17, 24), (4, 40, 24), (2, 0, 24)])
+def test_af2_linear_equals_nn_linear(shape, bias, grad):
+    from transformers_af2.modeling.modeling_audioflamingo2 import AudioFlamingo2Linear
 
     torch.manual_seed(0)
     reference = torch.nn.Linear(24, 40, bias=bias)
-    few_rows = FewRowsLinear(24, 40, bias=bias)
-    few_rows.load_state_dict(reference.state_dict())
-    inputs = torch.randn(shape, requires_grad=True)
-    got, expected = few_rows(inputs), reference(inputs)
+    af2_linear = AudioFlamingo2Linear(24, 40, bias=bias)
+    af2_linear.load_state_dict(reference.state_dict())
+    # Both CPU paths (few rows; oneDNN for many rows without autograd) and the default one (with autograd).
+    inputs = torch.randn(shape, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        got, expected = af2_linear(inputs), reference(inputs)
     assert got.shape == expected.shape == (*shape[:-1], 40)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    if inputs.numel():
+    if grad and inputs.numel():
         (grad_got,) = torch.autograd.grad(got.sum(), inputs)
         (grad_expected,) = torch.autograd.grad(expected.sum(), inputs)
         torch.testing.assert_close(grad_got, grad_expected, atol=1e-5, rtol=0)
 
 
-def test_language_model_linears_are_few_rows_linears():
-    from transformers_af2.modeling.modeling_audioflamingo2 import FewRowsLinear
+def test_model_linears_are_af2_linears():
+    from transformers_af2.modeling.modeling_audioflamingo2 import AudioFlamingo2Linear
 
     model = tiny_model()
     layer = next(layer for layer in model.model.language_model.layers if layer.cross_attn is not None)
-    for linear in (layer.self_attn.q_proj, layer.mlp.down_proj, layer.cross_attn.kv_proj, model.lm_head):
-        assert type(linear) is FewRowsLinear
+    tower_block = model.model.audio_tower.layers[0].blocks[0]
+    audio_layer = model.model.audio_transformer.layers[0]
+    for linear in (layer.self_attn.q_proj, layer.mlp.down_proj, layer.cross_attn.kv_proj, model.lm_head,
+                   tower_block.attention.self.query, tower_block.intermediate.dense, audio_layer.fc1):
+        assert type(linear) is AudioFlamingo2Linear
     assert "model.language_model.layers.0.mlp.down_proj.weight" in model.state_dict()

@@ -276,36 +276,57 @@ class AudioFlamingo2AudioTransformer(nn.Module):
         return hidden_states
 
 
-class FewRowsLinear(nn.Linear):
-    """
-    `nn.Linear` (same parameters, same result) that multiplies a few rows on CPU in the `weight @ input^T` order.
+# oneDNN's matmul, the CPU kernel torch.compile emits for linear layers; exposed as a private op, hence the probe.
+_ONEDNN_LINEAR_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
-    Decoding steps of a batch and short prompts feed the language model's linear layers 2-16 rows. For such
-    shapes MKL's `input @ weight^T` runs well below the memory-bound speed it reaches for one row (it packs the
-    large weight), while `weight @ input^T` streams the weight once. Measured on 2 cores for AF2-0.5B's shapes:
-    the 24 layers' linears for 4 rows take 318 ms one way and 199 ms the other (16 rows: 280 / 239 ms; 1 row:
-    the same), and the 151669 x 896 head 101 ms against 40 ms for 4 rows. Elsewhere (GPU, one row, many rows)
-    this is `nn.Linear.forward`.
+
+class AudioFlamingo2Linear(nn.Linear):
+    """
+    `nn.Linear` (same parameters and state-dict names, same results up to float32 rounding) that takes a faster
+    CPU kernel for two kinds of input where PyTorch's default, MKL's sgemm, runs well below this hardware's speed:
+
+    - 2 to 16 rows (decoding steps of a batch, short prompts): MKL packs the large weight for every call; the
+      same product taken as `weight @ input^T` streams it once. Measured on 2 cores for AF2-0.5B's language
+      model: its linears for 4 rows 318 ms -> 199 ms (16 rows 280 -> 239 ms, 1 row unchanged), the 151669 x 896
+      head 101 -> 40 ms.
+    - more rows in float32 when no gradient is needed (HTSAT tower, audio transformer, K/V projections): oneDNN's
+      matmul, 25% faster on the tower's shapes (a window's linears 780 -> 590 ms; 150-200 GFLOP/s against
+      115-175). It has no backward, so training takes the default path; `torch.backends.mkldnn.flags(
+      enabled=False)` turns it off.
+
+    On other devices, for one row and for other dtypes this is `nn.Linear.forward`.
     """
 
-    max_rows = 16
+    few_rows = 16
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = input.shape[:-1].numel()
-        if input.device.type != "cpu" or not 1 < rows <= self.max_rows:
+        if input.device.type != "cpu" or rows <= 1:
             return super().forward(input)
-        output = torch.mm(self.weight, input.reshape(rows, self.in_features).t()).t()
-        if self.bias is not None:
-            output = output + self.bias
+        flat = input.reshape(rows, self.in_features)
+        if rows <= self.few_rows:
+            output = torch.mm(self.weight, flat.t()).t()
+            if self.bias is not None:
+                output = output + self.bias
+        elif (
+            _ONEDNN_LINEAR_AVAILABLE
+            and torch.backends.mkldnn.enabled
+            and input.dtype == self.weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad))
+        ):
+            weight = self.weight.contiguous()
+            output = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, self.bias, "none", [], "")
+        else:
+            return super().forward(input)
         return output.reshape(*input.shape[:-1], self.out_features)
 
 
-def _use_few_rows_linears(module: nn.Module) -> None:
-    """Turns the plain `nn.Linear`s under `module` (Qwen2's own included) into `FewRowsLinear`s: same parameters,
-    same state-dict names, only the CPU matmul order for a few rows changes."""
+def _use_af2_linears(module: nn.Module) -> None:
+    """Turns the plain `nn.Linear`s under `module` (those of transformers' CLAP tower and Qwen2 included) into
+    `AudioFlamingo2Linear`s: the class changes, parameters and their names stay."""
     for submodule in module.modules():
         if type(submodule) is nn.Linear:
-            submodule.__class__ = FewRowsLinear
+            submodule.__class__ = AudioFlamingo2Linear
 
 
 class AudioFlamingo2GatedCrossAttention(nn.Module):
@@ -380,7 +401,6 @@ class AudioFlamingo2DecoderLayer(Qwen2DecoderLayer):
         self.layer_idx = layer_idx
         has_cross_attention = layer_idx in config.cross_attention_layers
         self.cross_attn = AudioFlamingo2GatedCrossAttention(config) if has_cross_attention else None
-        _use_few_rows_linears(self)
 
     def forward(
         self,
@@ -476,6 +496,7 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
         self.audio_tower = build_audio_tower(config.audio_config)
         self.audio_transformer = AudioFlamingo2AudioTransformer(config)
         self.language_model = AudioFlamingo2TextModel(config)
+        _use_af2_linears(self)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -657,7 +678,7 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__(config)
         self.model = AudioFlamingo2Model(config)
-        self.lm_head = FewRowsLinear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = AudioFlamingo2Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):
