@@ -22,7 +22,6 @@ TARGETS = (
     "tower_sdpa_speedup_over_eager",
     "peak_rss_120s_generate_over_fp32_weights",
     "bfloat16_peak_rss_over_fp32_peak_rss",
-    "bfloat16_from_float32_checkpoint_peak_rss_over_fp32_peak_rss",
     "weights_held_after_load_over_weights_float32",
     "weights_held_after_load_over_weights_bfloat16",
     "weights_held_after_load_over_weights_bfloat16_from_float32_checkpoint",
