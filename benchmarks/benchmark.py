@@ -592,9 +592,11 @@ def bench_batch(args, model, device, results):
         "audio_seconds": list(BATCH_AUDIO_SECONDS),
         "prompt_tokens": list(BATCH_PROMPT_TOKENS),
         "new_tokens": args.new_tokens,
-        "batched_s": measure(batched, args, device),
-        "one_by_one_s": measure(one_by_one, args, device),
     }
+    # Interleaved: the speedup is a ratio of the two, and each takes tens of seconds, long enough for the host's
+    # speed to drift between them.
+    timings = measure_interleaved({"batched_s": batched, "one_by_one_s": one_by_one}, args, device)
+    out.update(timings)
     out["speedup"] = out["one_by_one_s"]["median"] / out["batched_s"]["median"]
     # Decoding alone: one step of the padded batch (4 tokens) against one step of a single sequence.
     out["decode_step_s"] = decode_step_time(model, device, args, ids, mask, input_features=features,
