@@ -63,6 +63,16 @@ def converted_fixture(request, tmp_path_factory):
     return ConvertedFixture(request.param, tmp_path_factory.mktemp(request.param.name))
 
 
+@pytest.fixture(scope="module")
+def loaded(converted_fixture):
+    """(fixture, converted model in eval mode, its processor), loaded once per test module."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(converted_fixture.repo).eval()
+    processor = AutoProcessor.from_pretrained(converted_fixture.repo)
+    return converted_fixture, model, processor
+
+
 def tiny_config(**overrides):
     """A tiny AF2 config in the transformers test style: vocab 99, pad id != audio id, 3 LM layers."""
     from transformers_af2 import AudioFlamingo2Config

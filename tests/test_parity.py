@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import AutoModel, AutoProcessor
 
 import transformers_af2  # noqa: F401  (registers the Auto classes)
 
@@ -10,13 +9,6 @@ STAGE_TOLERANCE = 1e-4
 END_TO_END_LOGITS_TOLERANCE = 1e-3
 LOSS_TOLERANCE = 1e-4
 SAMPLES = ("s0", "s1")
-
-
-@pytest.fixture(scope="module")
-def loaded(converted_fixture):
-    model = AutoModel.from_pretrained(converted_fixture.repo).eval()
-    processor = AutoProcessor.from_pretrained(converted_fixture.repo)
-    return converted_fixture, model, processor
 
 
 def _max_diff(a, b):

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 import pytest
 import torch
 from transformers import (
-    AutoModel,
     AutoModelForMultimodalLM,
     AutoProcessor,
     LogitsProcessor,
@@ -23,13 +22,6 @@ import transformers_af2
 from transformers_af2.pipelines import SOUNDCOT_REPAIR_SUFFIX, AudioTextToTextPipeline, soundcot_repair_prefix
 
 SAMPLES = ("s0", "s1")
-
-
-@pytest.fixture(scope="module")
-def loaded(converted_fixture):
-    model = AutoModel.from_pretrained(converted_fixture.repo).eval()
-    processor = AutoProcessor.from_pretrained(converted_fixture.repo)
-    return converted_fixture, model, processor
 
 
 @pytest.fixture(scope="module")
