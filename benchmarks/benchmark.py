@@ -16,6 +16,7 @@ No network access is needed: weights are random unless `--checkpoint` names a co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -326,10 +327,8 @@ def machine_description() -> dict:
     except OSError:
         pass
     memory = None
-    try:
+    with contextlib.suppress(ValueError, OSError):
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        pass
     return {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
@@ -914,12 +913,24 @@ def parse_args(argv=None):
     parser.add_argument("--decode-steps", type=int, default=8, help="decoding steps per timed decode run")
     parser.add_argument("--skip", nargs="*", default=[], choices=ALL_ITEMS, help="items not to measure")
     parser.add_argument("--json-out", help="write the results here as JSON")
-    parser.add_argument("--noise-tolerance", type=float, default=0.15,
-                        help="cores other processes may keep busy during a timed run before it is retried")
-    parser.add_argument("--attempts", type=int, default=4,
-                        help="at most attempts x repeats timed runs per item when others disturb them")
-    parser.add_argument("--quiet-wait", type=float, default=60.0,
-                        help="seconds to wait at most for a quiet machine before each timed run (0: never wait)")
+    parser.add_argument(
+        "--noise-tolerance",
+        type=float,
+        default=0.15,
+        help="cores other processes may keep busy during a timed run before it is retried",
+    )
+    parser.add_argument(
+        "--attempts",
+        type=int,
+        default=4,
+        help="at most attempts x repeats timed runs per item when others disturb them",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait at most for a quiet machine before each timed run (0: never wait)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-seconds", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -961,7 +972,9 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "machine": machine_description(),
-        "environment": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "MALLOC_", "LD_PRELOAD"))},
+        "environment": {
+            k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "MALLOC_", "LD_PRELOAD"))
+        },
         "command": " ".join([os.path.basename(sys.executable), "benchmarks/benchmark.py", *sys.argv[1:]])
         if argv is None
         else "benchmark.main(" + repr(argv) + ")",

@@ -31,6 +31,6 @@ model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, st
 streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
 thread = Thread(target=model.generate, kwargs=dict(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer))
 thread.start()
-pieces = [piece for piece in streamer]
+pieces = list(streamer)
 thread.join()
 print("collected:", "".join(pieces).strip())

@@ -259,8 +259,10 @@ def test_front_end_fuzz(length, rate, amplitude, offset, dtype, channels, poison
     except ValueError as error:
         message = str(error)
         non_finite = not np.isfinite(signal.astype(np.float64)).all()
-        assert non_finite and "NaN or infinite" in message or (
-            length <= 8 and channels > 1 and "expected a 1-D mono waveform" in message
+        assert (
+            non_finite
+            and "NaN or infinite" in message
+            or (length <= 8 and channels > 1 and "expected a 1-D mono waveform" in message)
         ), message
         return
     features, mask = out["input_features"], out["input_features_mask"]

@@ -18,8 +18,14 @@ from transformers_af2.convert import ConversionError, convert_model, load_clap_p
 
 def test_converted_repo_is_complete(converted_fixture):
     files = {p.name for p in converted_fixture.repo.iterdir()}
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "processor_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+    ):
         assert name in files, f"{name} missing from {sorted(files)}"
     config = json.loads((converted_fixture.repo / "config.json").read_text())
     reference = converted_fixture.reference
@@ -118,10 +124,16 @@ def test_wrong_head_count_in_config_is_caught(converted_fixture, original_copy, 
     import yaml
 
     config = yaml.safe_load(converted_fixture.yaml_path.read_text())
-    dim = converted_fixture.reference["htsat"]["embed_dim"] * 2 ** (len(converted_fixture.reference["htsat"]["depths"]) - 1)
+    dim = converted_fixture.reference["htsat"]["embed_dim"] * 2 ** (
+        len(converted_fixture.reference["htsat"]["depths"]) - 1
+    )
     heads = config["model_config"]["audio_transformer_kwargs"]["n_head"]
     # A head count whose rotary width differs from the stored frequencies must be refused.
-    wrong = next(h for h in (1, 2, 4, 8, 16) if h != heads and dim % h == 0 and max(dim // h // 2, 32) != max(dim // heads // 2, 32))
+    wrong = next(
+        h
+        for h in (1, 2, 4, 8, 16)
+        if h != heads and dim % h == 0 and max(dim // h // 2, 32) != max(dim // heads // 2, 32)
+    )
     config["model_config"]["audio_transformer_kwargs"]["n_head"] = wrong
     path = tmp_path / "wrong.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -160,8 +172,17 @@ def test_real_clap_pickle_loads_with_the_allow_list(converted_fixture):
 
 def test_cli_convert_and_atomic_output(converted_fixture, tmp_path, capsys):
     output = tmp_path / "cli-out"
-    code = af2_main(["convert", str(converted_fixture.fixture_dir / "original"), str(output),
-                     "--config", str(converted_fixture.yaml_path), "--dtype", "bfloat16"])
+    code = af2_main(
+        [
+            "convert",
+            str(converted_fixture.fixture_dir / "original"),
+            str(output),
+            "--config",
+            str(converted_fixture.yaml_path),
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert code == 0
     model = AutoModel.from_pretrained(output)
     assert model.lm_head.weight.dtype == torch.bfloat16

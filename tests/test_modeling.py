@@ -55,8 +55,9 @@ def test_forward_shapes_and_finite_loss():
     features, features_mask = random_audio_inputs([2, 1])
     ids, mask = _prompts([7, 5])
     labels = ids.masked_fill(mask == 0, -100)
-    out = model(input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask,
-                labels=labels)
+    out = model(
+        input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask, labels=labels
+    )
     assert out.logits.shape == (2, 7, 99)
     assert out.audio_embeds.shape == (2, 2 * 64, 64)
     assert torch.isfinite(out.loss) and out.loss.item() > 0
@@ -145,8 +146,9 @@ def test_batched_generate_equals_one_by_one():
     counts, lengths = [3, 1, 2], [6, 4, 5]
     features, features_mask = random_audio_inputs(counts)
     ids, mask = _prompts(lengths)
-    batched = _greedy(model, input_ids=ids, attention_mask=mask, input_features=features,
-                      input_features_mask=features_mask)
+    batched = _greedy(
+        model, input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask
+    )
     for row, (count, length) in enumerate(zip(counts, lengths)):
         single = _greedy(
             model,
@@ -163,15 +165,28 @@ def test_beam_search_keeps_each_rows_audio():
     counts, lengths = [3, 2], [5, 5]
     features, features_mask = random_audio_inputs(counts)
     ids, mask = _prompts(lengths)
-    kwargs = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=97,
-                  eos_token_id=None, output_scores=True, return_dict_in_generate=True)
-    batched = model.generate(input_ids=ids, attention_mask=mask, input_features=features,
-                             input_features_mask=features_mask, **kwargs)
+    kwargs = dict(
+        max_new_tokens=5,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        pad_token_id=97,
+        eos_token_id=None,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    batched = model.generate(
+        input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask, **kwargs
+    )
     assert batched.sequences.shape == (4, 10)
     for row, count in enumerate(counts):
-        single = model.generate(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1],
-                                input_features=features[row : row + 1, :count],
-                                input_features_mask=features_mask[row : row + 1, :count], **kwargs)
+        single = model.generate(
+            input_ids=ids[row : row + 1],
+            attention_mask=mask[row : row + 1],
+            input_features=features[row : row + 1, :count],
+            input_features_mask=features_mask[row : row + 1, :count],
+            **kwargs,
+        )
         assert torch.equal(batched.sequences[2 * row : 2 * row + 2], single.sequences)
         torch.testing.assert_close(batched.sequences_scores[2 * row : 2 * row + 2], single.sequences_scores)
 
@@ -181,9 +196,19 @@ def test_sampling_and_num_return_sequences():
     features, features_mask = random_audio_inputs([2])
     ids, mask = _prompts([5])
     torch.manual_seed(0)
-    out = model.generate(input_ids=ids, attention_mask=mask, input_features=features,
-                         input_features_mask=features_mask, do_sample=True, top_k=30, top_p=0.95,
-                         num_return_sequences=3, max_new_tokens=4, pad_token_id=97, eos_token_id=None)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        input_features=features,
+        input_features_mask=features_mask,
+        do_sample=True,
+        top_k=30,
+        top_p=0.95,
+        num_return_sequences=3,
+        max_new_tokens=4,
+        pad_token_id=97,
+        eos_token_id=None,
+    )
     assert out.shape == (3, 9)
     assert torch.equal(out[:, :5], ids.expand(3, -1))
 
@@ -191,8 +216,11 @@ def test_sampling_and_num_return_sequences():
 def test_zero_gates_equal_the_bare_qwen2_lm():
     model = tiny_model(nonzero_gates=False)
     bare = Qwen2ForCausalLM(model.config.text_config).eval()
-    state = {k.removeprefix("model.language_model."): v for k, v in model.state_dict().items()
-             if k.startswith("model.language_model.") and ".cross_attn." not in k}
+    state = {
+        k.removeprefix("model.language_model."): v
+        for k, v in model.state_dict().items()
+        if k.startswith("model.language_model.") and ".cross_attn." not in k
+    }
     bare.model.load_state_dict(state)
     bare.lm_head.weight.data.copy_(model.lm_head.weight.data)
     features, features_mask = random_audio_inputs([2])
@@ -284,8 +312,9 @@ def test_bfloat16_load_and_generate(tmp_path):
     ids, mask = _prompts([6])
     out = model(input_ids=ids, input_features=features, input_features_mask=features_mask)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
-    generated = _greedy(model, input_ids=ids, attention_mask=mask, input_features=features,
-                        input_features_mask=features_mask)
+    generated = _greedy(
+        model, input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask
+    )
     assert generated.shape == (1, 12)
 
 
@@ -298,8 +327,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = tiny_model(seed=2).train()
         if checkpointing:
             model.gradient_checkpointing_enable()
-        loss = model(input_ids=ids, attention_mask=mask, input_features=features,
-                     input_features_mask=features_mask, labels=labels, use_cache=False).loss
+        loss = model(
+            input_ids=ids,
+            attention_mask=mask,
+            input_features=features,
+            input_features_mask=features_mask,
+            labels=labels,
+            use_cache=False,
+        ).loss
         loss.backward()
         grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads[True].keys() == grads[False].keys()
@@ -313,8 +348,9 @@ def test_cache_follows_batch_operations():
     model = tiny_model()
     features, features_mask = random_audio_inputs([2, 1])
     ids, mask = _prompts([5, 5])
-    cache = model(input_ids=ids, attention_mask=mask, input_features=features,
-                  input_features_mask=features_mask, use_cache=True).past_key_values
+    cache = model(
+        input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask, use_cache=True
+    ).past_key_values
     keys, _, audio_mask = cache.get_audio_states(1)
     cache.batch_repeat_interleave(2)
     assert cache.get_audio_states(1)[0].shape[0] == 4
@@ -339,8 +375,11 @@ def test_mismatched_inputs_raise_clear_errors(features_shape, mask_shape, messag
     model = tiny_model()
     ids, _ = _prompts([5])
     with pytest.raises(ValueError, match=message):
-        model(input_ids=ids, input_features=torch.zeros(features_shape),
-              input_features_mask=torch.ones(mask_shape, dtype=torch.long))
+        model(
+            input_ids=ids,
+            input_features=torch.zeros(features_shape),
+            input_features_mask=torch.ones(mask_shape, dtype=torch.long),
+        )
 
 
 def test_sample_without_any_window_is_rejected():
@@ -358,8 +397,13 @@ def test_foreign_cache_with_audio_is_rejected():
     features, features_mask = random_audio_inputs([1])
     ids, _ = _prompts([5])
     with pytest.raises(ValueError, match="pass an AudioFlamingo2Cache"):
-        model(input_ids=ids, input_features=features, input_features_mask=features_mask,
-              past_key_values=DynamicCache(), use_cache=True)
+        model(
+            input_ids=ids,
+            input_features=features,
+            input_features_mask=features_mask,
+            past_key_values=DynamicCache(),
+            use_cache=True,
+        )
 
 
 def test_package_registers_with_transformers():
@@ -375,8 +419,13 @@ def test_decode_step_compiles_without_graph_breaks():
     features, features_mask = random_audio_inputs([2, 1])
     ids, mask = _prompts([5, 4])
     with torch.no_grad():
-        cache = model(input_ids=ids, attention_mask=mask, input_features=features,
-                      input_features_mask=features_mask, use_cache=True).past_key_values
+        cache = model(
+            input_ids=ids,
+            attention_mask=mask,
+            input_features=features,
+            input_features_mask=features_mask,
+            use_cache=True,
+        ).past_key_values
         step_ids = torch.tensor([[5], [6]])
         step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
         expected = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache).logits
@@ -416,7 +465,14 @@ def test_model_linears_are_af2_linears():
     layer = next(layer for layer in model.model.language_model.layers if layer.cross_attn is not None)
     tower_block = model.model.audio_tower.layers[0].blocks[0]
     audio_layer = model.model.audio_transformer.layers[0]
-    for linear in (layer.self_attn.q_proj, layer.mlp.down_proj, layer.cross_attn.kv_proj, model.lm_head,
-                   tower_block.attention.self.query, tower_block.intermediate.dense, audio_layer.fc1):
+    for linear in (
+        layer.self_attn.q_proj,
+        layer.mlp.down_proj,
+        layer.cross_attn.kv_proj,
+        model.lm_head,
+        tower_block.attention.self.query,
+        tower_block.intermediate.dense,
+        audio_layer.fc1,
+    ):
         assert type(linear) is AudioFlamingo2Linear
     assert "model.language_model.layers.0.mlp.down_proj.weight" in model.state_dict()

@@ -51,8 +51,14 @@ def test_greedy_stage(loaded, sample):
     mel = fixture.tensors[f"{sample}.mel"].unsqueeze(0)
     prompt = fixture.ids(f"{sample}.prompt_ids")
     with torch.no_grad():
-        out = model.generate(input_ids=prompt, input_features=mel, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, max_new_tokens=fixture.reference["max_new_tokens"])
+        out = model.generate(
+            input_ids=prompt,
+            input_features=mel,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            max_new_tokens=fixture.reference["max_new_tokens"],
+        )
     assert torch.equal(out.sequences, fixture.ids(f"{sample}.greedy_ids"))
     scores = torch.stack(out.scores, dim=1)[0]
     expected_scores = fixture.tensors[f"{sample}.greedy_scores"].reshape(scores.shape)
@@ -77,8 +83,11 @@ def test_end_to_end_from_wav(loaded, index):
     assert torch.equal(inputs["input_ids"], fixture.ids(f"{sample}.prompt_ids"))
     assert inputs["input_features_mask"].sum().item() == fixture.reference[f"{sample}.num_windows"]
     with torch.no_grad():
-        logits = model(input_ids=fixture.ids(f"{sample}.train_ids"), input_features=inputs["input_features"],
-                       input_features_mask=inputs["input_features_mask"]).logits
+        logits = model(
+            input_ids=fixture.ids(f"{sample}.train_ids"),
+            input_features=inputs["input_features"],
+            input_features_mask=inputs["input_features_mask"],
+        ).logits
         expected = fixture.tensors[f"{sample}.train_logits"].reshape(logits.shape)
         assert _max_diff(logits, expected) <= END_TO_END_LOGITS_TOLERANCE
         generated = model.generate(**inputs, do_sample=False, max_new_tokens=fixture.reference["max_new_tokens"])
@@ -89,12 +98,18 @@ def test_end_to_end_batch_loss(loaded):
     """Both WAVs as one batch (windows padded to the longest) with the fixture's right-padded ids and labels."""
     fixture, model, processor = loaded
     features = processor.feature_extractor([str(fixture.wav(0)), str(fixture.wav(1))], return_tensors="pt")
-    assert torch.equal(features["input_features_mask"].to(fixture.tensors["batch.audio_mask"].dtype),
-                       fixture.tensors["batch.audio_mask"])
+    assert torch.equal(
+        features["input_features_mask"].to(fixture.tensors["batch.audio_mask"].dtype),
+        fixture.tensors["batch.audio_mask"],
+    )
     attention_mask = fixture.tensors["batch.attention_mask"]
     with torch.no_grad():
-        out = model(input_ids=fixture.tensors["batch.input_ids"], attention_mask=attention_mask,
-                    labels=fixture.tensors["batch.labels"], **features)
+        out = model(
+            input_ids=fixture.tensors["batch.input_ids"],
+            attention_mask=attention_mask,
+            labels=fixture.tensors["batch.labels"],
+            **features,
+        )
     assert abs(out.loss.item() - fixture.reference["batch.loss"]) <= LOSS_TOLERANCE
     valid = attention_mask.bool()
     assert _max_diff(out.logits[valid], fixture.tensors["batch.logits"][valid]) <= END_TO_END_LOGITS_TOLERANCE

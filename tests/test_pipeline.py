@@ -281,8 +281,11 @@ def test_any_to_any_pipeline_supports_af2_without_warnings(loaded):
     prompt_length = fixture.ids("s1.prompt_ids").shape[1]
     assert tensors[0]["generated_token_ids"][prompt_length:].tolist() == _expected_new_ids(fixture, "s1")
     # A file path as `audio=` is read by AF2's own front end (no sampling_rate needed).
-    by_path = any_to_any({"text": fixture.reference["prompts"][1], "audio": str(fixture.wav(1))},
-                         max_new_tokens=max_new, return_full_text=False)
+    by_path = any_to_any(
+        {"text": fixture.reference["prompts"][1], "audio": str(fixture.wav(1))},
+        max_new_tokens=max_new,
+        return_full_text=False,
+    )
     assert by_path[0]["generated_text"] == expected
 
 

@@ -1,11 +1,11 @@
 """Bad text and model inputs: each gets a clear error naming the input, or the documented result."""
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 import pytest
 import torch
 from conftest import random_audio_inputs, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoProcessor
 from transformers.testing_utils import CaptureLogger
 
@@ -73,7 +73,9 @@ def test_features_on_another_device_raise_a_clear_error():
         model(input_ids=ids, input_features=features.to("meta"), input_features_mask=mask)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(question=st.text(max_size=300))
 def test_text_path_fuzz(processor, question):
     """Any string: a prompt with exactly one <audio> at the start, or the documented marker-count error."""

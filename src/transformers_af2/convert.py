@@ -383,8 +383,10 @@ def _infer_audio_transformer(
 
 
 def _cross_attention_layers(checkpoint: OriginalCheckpoint, num_layers: int) -> list[int]:
-    pattern = re.compile(r"^lang_encoder\.(?:model\.layers\.(\d+)\.gated_cross_attn_layer_sound|"
-                         r"gated_cross_attn_layers_sound\.(\d+))\.")
+    pattern = re.compile(
+        r"^lang_encoder\.(?:model\.layers\.(\d+)\.gated_cross_attn_layer_sound|"
+        r"gated_cross_attn_layers_sound\.(\d+))\."
+    )
     found = set()
     for key in checkpoint.safe_ckpt:
         match = pattern.match(key)
@@ -504,7 +506,9 @@ def _load_base_lm_weights(lm_source: str | os.PathLike, needed: Iterable[str]) -
     for file in files:
         with safe_open(file, framework="pt") as reader:
             for key in reader.keys():
-                new_key = "lm_head.weight" if key == "lm_head.weight" else f"model.language_model.{key[len('model.'):]}"
+                new_key = (
+                    "lm_head.weight" if key == "lm_head.weight" else f"model.language_model.{key[len('model.') :]}"
+                )
                 if new_key in needed:
                     out[new_key] = reader.get_tensor(key)
     return out
@@ -535,7 +539,9 @@ def assemble_state_dict(
             value = transform(tensor)
             previous = from_safe.get(new_key)
             if previous is not None and not torch.equal(previous[1], value):
-                logger.warning(f"{key} differs from its alias {previous[2]}; using the one loaded last by the original.")
+                logger.warning(
+                    f"{key} differs from its alias {previous[2]}; using the one loaded last by the original."
+                )
             if previous is None or priority >= previous[0]:
                 from_safe[new_key] = (priority, value, key)
 
@@ -584,8 +590,14 @@ def assemble_state_dict(
 def _dtype(name: str | torch.dtype | None) -> torch.dtype:
     if name is None or isinstance(name, torch.dtype):
         return name or torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if name not in table:
         raise ConversionError(f"--dtype {name!r} is not one of {sorted(table)}.")
     return table[name]
@@ -612,7 +624,9 @@ def convert_model(
         )
     checkpoint = read_original_checkpoint(directory)
     text_tokenizer = build_tokenizer(tokenizer_source)
-    config_obj = build_config(checkpoint, original_config, load_lm_config(lm_config_source), text_tokenizer, str(source))
+    config_obj = build_config(
+        checkpoint, original_config, load_lm_config(lm_config_source), text_tokenizer, str(source)
+    )
 
     with torch.device("meta"):
         model = AudioFlamingo2ForConditionalGeneration(config_obj)
@@ -732,7 +746,9 @@ def converted_cache_path(source: str | os.PathLike, **options) -> Path:
     source_path = Path(source)
     stamp = str(source)
     if source_path.is_dir():
-        files = sorted(p for p in source_path.rglob("*") if p.is_file() and ("safe_ckpt" in p.parts or "clap_ckpt" in p.parts))
+        files = sorted(
+            p for p in source_path.rglob("*") if p.is_file() and ("safe_ckpt" in p.parts or "clap_ckpt" in p.parts)
+        )
         stamp += "".join(f"|{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     stamp += json.dumps({k: str(v) for k, v in sorted(options.items())})
     digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]

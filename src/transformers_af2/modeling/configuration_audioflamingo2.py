@@ -118,7 +118,9 @@ class AudioFlamingo2Config(PreTrainedConfig):
                 f"cross_attention_layers has indices {bad} outside the language model's {num_layers} layers."
             )
         if self.cross_attention_every_n_layers < 1:
-            raise ValueError(f"cross_attention_every_n_layers must be >= 1, got {self.cross_attention_every_n_layers}.")
+            raise ValueError(
+                f"cross_attention_every_n_layers must be >= 1, got {self.cross_attention_every_n_layers}."
+            )
 
     @property
     def audio_hidden_size(self) -> int:
@@ -133,5 +135,6 @@ class AudioFlamingo2Config(PreTrainedConfig):
         downsample = 2 ** (len(cfg.depths) - 1)
         # The mel is reshaped into a spec_size x spec_size image before the patch embedding.
         return (cfg.spec_size // downsample // stride[0]) * (cfg.spec_size // downsample // stride[1])
+
 
 __all__ = ["AudioFlamingo2Config"]

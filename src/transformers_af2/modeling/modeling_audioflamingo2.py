@@ -239,7 +239,9 @@ class AudioFlamingo2AudioTransformerLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, hidden_states, attention_mask, rotary):
-        hidden_states = self.self_attn_layer_norm(hidden_states + self.self_attn(hidden_states, attention_mask, rotary))
+        hidden_states = self.self_attn_layer_norm(
+            hidden_states + self.self_attn(hidden_states, attention_mask, rotary)
+        )
         feed_forward = self.fc2(F.relu(self.fc1(hidden_states)))
         return self.final_layer_norm(hidden_states + feed_forward)
 
@@ -562,7 +564,9 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
             window_mask = input_features_mask.to(device=input_features.device, dtype=torch.bool)
         tower_dtype = self.audio_tower.norm.weight.dtype
         tower_device = self.audio_tower.norm.weight.device
-        valid_windows = input_features[window_mask].to(device=tower_device, dtype=tower_dtype)  # (n_valid, frames, mels)
+        valid_windows = input_features[window_mask].to(
+            device=tower_device, dtype=tower_dtype
+        )  # (n_valid, frames, mels)
         if windows_per_tower_call is None:
             windows_per_tower_call = 1 if tower_device.type == "cpu" else valid_windows.shape[0]
         if windows_per_tower_call < 1:
@@ -758,7 +762,9 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         """
         from ..convert import convert_checkpoint, converted_cache_path, is_original_layout
 
-        options = {k: kwargs.pop(k) for k in ("original_config", "tokenizer", "lm_config", "lm_weights") if k in kwargs}
+        options = {
+            k: kwargs.pop(k) for k in ("original_config", "tokenizer", "lm_config", "lm_weights") if k in kwargs
+        }
         if is_original_layout(pretrained_model_name_or_path):
             cached = converted_cache_path(pretrained_model_name_or_path, **options)
             if not (cached / "config.json").is_file():

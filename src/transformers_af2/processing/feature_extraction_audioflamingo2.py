@@ -101,7 +101,9 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         self.f_min = float(f_min)
         self.f_max = float(f_max)
         if self.window_overlap >= self.window_length:
-            raise ValueError(f"window_overlap ({window_overlap}) must be smaller than window_length ({window_length}).")
+            raise ValueError(
+                f"window_overlap ({window_overlap}) must be smaller than window_length ({window_length})."
+            )
 
     # -- sizes -------------------------------------------------------------------------------------------------
     @property
@@ -145,10 +147,12 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             data, source_rate, total_frames = self._read_file(source, name)
         else:
             if sampling_rate is None:
-                raise ValueError(
-                    f"{name}: sampling_rate is required with array input (pass sampling_rate=... in Hz)."
-                )
-            if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, np.integer)) or sampling_rate <= 0:
+                raise ValueError(f"{name}: sampling_rate is required with array input (pass sampling_rate=... in Hz).")
+            if (
+                isinstance(sampling_rate, bool)
+                or not isinstance(sampling_rate, (int, np.integer))
+                or sampling_rate <= 0
+            ):
                 raise ValueError(f"{name}: sampling_rate must be a positive integer in Hz, got {sampling_rate!r}.")
             data = self._as_float_array(audio, name)
             source_rate = int(sampling_rate)
@@ -200,7 +204,9 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
     @staticmethod
     def _as_float_array(audio, name: str) -> np.ndarray:
         if isinstance(audio, torch.Tensor):
-            audio = audio.detach().cpu().float().numpy() if audio.dtype == torch.bfloat16 else audio.detach().cpu().numpy()
+            audio = (
+                audio.detach().cpu().float().numpy() if audio.dtype == torch.bfloat16 else audio.detach().cpu().numpy()
+            )
         array = np.asarray(audio)
         if not np.issubdtype(array.dtype, np.floating):
             raise TypeError(

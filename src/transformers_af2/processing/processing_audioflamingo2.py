@@ -192,8 +192,10 @@ class AudioFlamingo2Processor(ProcessorMixin):
         if kwargs.get("return_assistant_tokens_mask"):
             raise ValueError("return_assistant_tokens_mask is not supported by AudioFlamingo2Processor.")
 
-        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and (
-            isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
+        batched = (
+            isinstance(conversation, (list, tuple))
+            and bool(conversation)
+            and (isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages"))
         )
         conversations = conversation if batched else [conversation]
         prompts = rendered if batched else [rendered]
