@@ -302,6 +302,7 @@ def test_only_the_stage_parameters_change(tiny_processor, two_examples, tmp_path
     trainer = AudioFlamingo2Trainer(
         model=model,
         args=_args(tmp_path, weight_decay=0.1),
+        trainable=summary,
         data_collator=AudioFlamingo2DataCollator(tiny_processor),
         train_dataset=from_hf_dataset(__import__("datasets").Dataset.from_list(two_examples)),
     )
@@ -376,9 +377,9 @@ def test_resume_continues_the_same_loss_curve(tiny_processor, audio_files, tmp_p
 
     def run(resume=None):
         model = tiny_model(tiny_processor, seed=2, gates=0.5)
-        set_trainable_parameters(model, "pretrain")
         trainer = AudioFlamingo2Trainer(
             model=model,
+            trainable=set_trainable_parameters(model, "pretrain"),
             args=_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-2),
             data_collator=AudioFlamingo2DataCollator(tiny_processor),
             train_dataset=dataset,
@@ -395,9 +396,9 @@ def test_resume_continues_the_same_loss_curve(tiny_processor, audio_files, tmp_p
 
 def _one_sgd_step(processor, examples, tmp_path, stage="finetune", **overrides):
     model = tiny_model(processor, seed=3, gates=0.5)
-    set_trainable_parameters(model, stage)
     trainer = AudioFlamingo2Trainer(
         model=model,
+        trainable=set_trainable_parameters(model, stage),
         args=_args(
             tmp_path, max_steps=1, optim="sgd", learning_rate=1.0, train_sampling_strategy="sequential", **overrides
         ),
@@ -412,7 +413,7 @@ def test_gradient_checkpointing_matches_plain_step(tiny_processor, two_examples,
     """Stage "finetune": the audio tower, audio transformer and cross-attention all recompute in the backward."""
     plain, plain_loss = _one_sgd_step(tiny_processor, two_examples, tmp_path)
     checkpointed, checkpointed_loss = _one_sgd_step(
-        tiny_processor, two_examples, tmp_path, gradient_checkpointing=True
+        tiny_processor, two_examples, tmp_path, activation_checkpointing=True
     )
     initial = dict(tiny_model(tiny_processor, seed=3, gates=0.5).named_parameters())
     moved = {n for n in plain if not torch.equal(plain[n], initial[n])}
