@@ -73,7 +73,7 @@ def count_windows(audio: Any, feature_extractor=None, audio_start: float = 0.0) 
     try:
         frames, rate = audio_duration(audio, audio_start)
     except Exception as error:  # noqa: BLE001 - any unreadable header counts as one window; decoding raises later
-        logger.warning(f"cannot read the length of {_describe(audio)} ({error}); counting it as 1 window.")
+        logger.info(f"cannot read the length of {_describe(audio)} ({error}); counting it as 1 window.")
         return 1
     frames = min(frames, max_frames(extractor, rate))
     samples = math.ceil(frames * extractor.sampling_rate / rate) if rate != extractor.sampling_rate else frames
