@@ -7,6 +7,8 @@ Tiny random model and character tokenizer from `test_trainer.py`; a few steps ea
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +34,50 @@ from transformers_af2.trainer import (
 from transformers_af2.trainer.lora import adapter_config_of
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+README = SRC / "transformers_af2" / "trainer" / "README.md"
+
+# The commands of trainer/README.md, run here as written there, in a folder holding `tiny/` (a model and its
+# processor) and `train.jsonl`.
+QUIET = "--logging-steps 1 --report-to none --disable-tqdm true"
+CPU_RUN = (
+    "af2 train --model tiny --train-file train.jsonl --output-dir runs/one --use-cpu true --stage pretrain "
+    "--per-device-train-batch-size 2 --max-steps 3 --train-sampling-strategy sequential --learning-rate 1e-2 "
+    f"--seed 3 --save-strategy no {QUIET}"
+)
+TWO_PROCESSES = (
+    "torchrun --standalone --nproc-per-node 2 -m transformers_af2.trainer.cli train --model tiny "
+    "--train-file train.jsonl --output-dir runs/two --stage pretrain --per-device-train-batch-size 1 --max-steps 3 "
+    f"--train-sampling-strategy sequential --learning-rate 1e-2 --seed 3 --save-strategy no {QUIET}"
+)
+LONG_RUN = (
+    "python -m transformers_af2.trainer.cli train --model tiny --train-file train.jsonl --output-dir runs/full "
+    f"--use-cpu true --stage full --max-steps 40 --save-steps 1 --learning-rate 1e-3 {QUIET}"
+)
+RESUME = (
+    "af2 train --model tiny --train-file train.jsonl --output-dir runs/full --use-cpu true --stage full "
+    "--max-steps {step} --learning-rate 1e-3 --save-strategy no --resume-from-checkpoint last " + QUIET
+)
+LORA_RUN = (
+    "af2 train --model tiny --train-file train.jsonl --output-dir runs/lora --use-cpu true --lora language_model "
+    f"--lora-r 2 --seed 7 --max-steps 2 --learning-rate 1e-2 --save-strategy no {QUIET}"
+)
+CONTINUE_ADAPTER = (
+    "af2 train --model runs/lora --train-file train.jsonl --output-dir runs/lora-more --use-cpu true "
+    f"--max-steps 1 --learning-rate 1e-2 --save-strategy no {QUIET}"
+)
+BAD_ROWS = (
+    "af2 train --model tiny --train-file messy.jsonl --output-dir runs/messy --use-cpu true --max-length 40 "
+    f"--per-device-train-batch-size 3 --max-steps 2 --save-strategy no {QUIET} --skip-bad-rows"
+)
+
+
+def _run(command: str, **replace) -> int:
+    """Runs an `af2 train ...` command line in this process (the parser of the `af2` executable)."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["af2", "train"], command
+    for old, new in replace.items():
+        argv[argv.index(old) + 1] = new
+    return _cli(argv[1:])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,25 +111,6 @@ def _env():
     return env
 
 
-def _common(workdir, *extra):
-    return [
-        "train",
-        "--model",
-        str(workdir / "tiny"),
-        "--train-file",
-        str(workdir / "train.jsonl"),
-        "--report-to",
-        "none",
-        "--use-cpu",
-        "true",
-        "--disable-tqdm",
-        "true",
-        "--logging-steps",
-        "1",
-        *extra,
-    ]
-
-
 def _logged_losses(output_dir):
     state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
     return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
@@ -111,17 +138,16 @@ def messy_file(workdir, audio_files):  # noqa: F811
     return path
 
 
-def test_bad_rows_stop_the_run_before_the_model_loads(workdir, messy_file, tmp_path):
+def test_bad_rows_stop_the_run_before_the_model_loads(workdir, messy_file, tmp_path, monkeypatch):
     # A model folder without weights: the run must fail on the data, before it ever tries to load the model.
     (tmp_path / "no_weights").mkdir()
     for name in os.listdir(workdir / "tiny"):
         if not name.endswith(".safetensors"):
             (tmp_path / "no_weights" / name).write_bytes((workdir / "tiny" / name).read_bytes())
-    argv = _common(workdir, "--output-dir", str(tmp_path / "run"), "--max-length", "40", "--max-steps", "1")
-    argv[argv.index("--model") + 1] = str(tmp_path / "no_weights")
-    argv[argv.index("--train-file") + 1] = str(messy_file)
+    monkeypatch.chdir(workdir)
+    without_skip = BAD_ROWS.replace(" --skip-bad-rows", "")
     with pytest.raises(ValueError) as raised:
-        _cli(argv)
+        _run(without_skip, **{"--model": str(tmp_path / "no_weights"), "--output-dir": str(tmp_path / "run")})
     message = str(raised.value)
     print(message)
     assert "7 rows, 3 kept, 4 bad" in message
@@ -131,15 +157,13 @@ def test_bad_rows_stop_the_run_before_the_model_loads(workdir, messy_file, tmp_p
     assert "row 4 (" in message and "over max_length=40" in message
     assert "1 with an empty answer" in message and "1 longer than max_length=40" in message
     assert "--skip-bad-rows" in message
-    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run").exists()
 
 
-def test_skip_bad_rows_drops_them_and_lists_each(workdir, messy_file, tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = _common(workdir, "--output-dir", str(out), "--max-length", "40", "--max-steps", "2")
-    argv += ["--skip-bad-rows", "--per-device-train-batch-size", "3", "--save-strategy", "no"]
-    argv[argv.index("--train-file") + 1] = str(messy_file)
-    assert _cli(argv) == 0
+def test_skip_bad_rows_drops_them_and_lists_each(workdir, messy_file, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    assert _run(BAD_ROWS) == 0
+    out = workdir / "runs" / "messy"
     dropped = [json.loads(line) for line in (out / "dropped_rows.jsonl").read_text().splitlines()]
     assert [(entry["row"], entry["kind"]) for entry in dropped] == [
         (1, "missing field"),
@@ -190,19 +214,15 @@ def test_batch_without_trainable_label_raises_not_loss_zero(tiny_processor, audi
 # ---------------------------------------------------------------------------------------------------------------
 # Several processes: torchrun with 2 CPU processes (gloo DDP) = 1 process with the same global batch
 # ---------------------------------------------------------------------------------------------------------------
-def test_two_processes_match_one_process(workdir, tmp_path):
-    torchrun = Path(sys.executable).parent / "torchrun"
-    steps = ["--max-steps", "3", "--stage", "pretrain", "--train-sampling-strategy", "sequential"]
-    steps += ["--learning-rate", "1e-2", "--save-strategy", "no", "--seed", "3"]
-    two = tmp_path / "two"
-    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "transformers_af2.trainer.cli"]
-    command += _common(workdir, "--output-dir", str(two), "--per-device-train-batch-size", "1", *steps)
-    command.remove("--use-cpu")
-    command.remove("true")  # not needed: a CPU-only launch of 2 processes is put on gloo by af2 train itself
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+def test_two_processes_match_one_process(workdir, monkeypatch):
+    """torchrun, 2 CPU processes of 1 sample each (af2 train puts them on gloo DDP by itself) = 1 process of 2."""
+    command = shlex.split(TWO_PROCESSES)
+    command[0] = str(Path(sys.executable).parent / "torchrun")
+    done = subprocess.run(command, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = tmp_path / "one"
-    assert _cli(_common(workdir, "--output-dir", str(one), "--per-device-train-batch-size", "2", *steps)) == 0
+    monkeypatch.chdir(workdir)
+    assert _run(CPU_RUN) == 0
+    one, two = workdir / "runs" / "one", workdir / "runs" / "two"
     one_losses, two_losses = _logged_losses(one), _logged_losses(two)
     print(f"1 process: {one_losses}\n2 processes: {two_losses}")
     assert sorted(two_losses) == [1, 2, 3]
@@ -216,18 +236,14 @@ def test_two_processes_match_one_process(workdir, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # LoRA: seeded, adapters only by default, continued, portable base reference
 # ---------------------------------------------------------------------------------------------------------------
-def test_seeded_lora_runs_are_bit_identical_and_train_adapters_only(workdir, tmp_path, monkeypatch):
+def test_seeded_lora_runs_are_bit_identical_and_train_adapters_only(workdir, monkeypatch):
     monkeypatch.chdir(workdir)  # the model given as a relative path, as typed in a shell
-    lora = ["--model", "tiny", "--lora", "language_model", "--lora-r", "2", "--max-steps", "2"]
-    lora += ["--save-strategy", "no", "--learning-rate", "1e-2"]
 
     def run(name, seed):
-        argv = _common(workdir, "--output-dir", str(tmp_path / name), "--seed", str(seed), *lora)
-        del argv[1:3]  # the --model of _common
-        assert _cli(argv) == 0
-        return tmp_path / name
+        assert _run(LORA_RUN, **{"--output-dir": f"runs/{name}", "--seed": str(seed)}) == 0
+        return workdir / "runs" / name
 
-    first, second, other_seed = run("a", 7), run("b", 7), run("c", 8)
+    first, second, other_seed = run("lora", 7), run("lora-again", 7), run("lora-seed8", 8)
     assert (first / "adapter_model.safetensors").read_bytes() == (second / "adapter_model.safetensors").read_bytes()
     assert (first / "adapter_model.safetensors").read_bytes() != (
         other_seed / "adapter_model.safetensors"
@@ -242,48 +258,43 @@ def test_seeded_lora_runs_are_bit_identical_and_train_adapters_only(workdir, tmp
 
 def test_adapter_folder_as_model_is_continued(workdir, tmp_path, monkeypatch):
     monkeypatch.chdir(workdir)
-    start = tmp_path / "start"
-    argv = _common(workdir, "--output-dir", str(start), "--lora", "both", "--lora-r", "2", "--max-steps", "2")
-    argv += ["--save-strategy", "no", "--learning-rate", "1e-2", "--seed", "1"]
-    assert _cli(argv) == 0
-
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)  # the adapter names its base absolutely: it loads from any folder
-    model = continue_lora(start)
-    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    assert trainable and all("lora_" in name for name in trainable)
+    start = workdir / "runs" / "lora"
+    if not (start / "adapter_model.safetensors").is_file():  # this test run on its own
+        assert _run(LORA_RUN) == 0
     initial = load_file(start / "adapter_model.safetensors")
 
     # lr 0: the continued adapter is the saved one, not a new one drawn at random.
-    same = tmp_path / "same"
-    argv = _common(workdir, "--output-dir", str(same), "--max-steps", "1", "--save-strategy", "no")
-    argv[argv.index("--model") + 1] = str(start)
-    assert _cli([*argv, "--learning-rate", "0"]) == 0
-    kept = load_file(same / "adapter_model.safetensors")
+    assert _run(CONTINUE_ADAPTER, **{"--output-dir": "runs/lora-same", "--learning-rate": "0"}) == 0
+    kept = load_file(workdir / "runs" / "lora-same" / "adapter_model.safetensors")
     assert kept.keys() == initial.keys() and all(torch.equal(kept[k], initial[k]) for k in kept)
-    assert adapter_config_of(same)["base_model_name_or_path"] == str(workdir / "tiny")
+    assert adapter_config_of(workdir / "runs" / "lora-same")["base_model_name_or_path"] == str(workdir / "tiny")
 
-    # lr > 0: the same adapter trains on.
-    more = tmp_path / "more"
-    argv[argv.index("--output-dir") + 1] = str(more)
-    assert _cli([*argv, "--learning-rate", "1e-2"]) == 0
-    moved = load_file(more / "adapter_model.safetensors")
+    # As in the README: the same adapter trains on.
+    assert _run(CONTINUE_ADAPTER) == 0
+    moved = load_file(workdir / "runs" / "lora-more" / "adapter_model.safetensors")
     assert moved.keys() == initial.keys()
     delta = max((moved[k] - initial[k]).abs().max().item() for k in moved)
     assert 0 < delta < 0.1, delta
     with pytest.raises(ValueError, match="other targets"):
-        _cli([*argv, "--lora", "audio_transformer"])
+        _run(CONTINUE_ADAPTER + " --lora audio_transformer")
+
+    # The adapter names its base absolutely: it loads, trainable, from any folder.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = continue_lora(start)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Resume from the newest complete checkpoint after kill -9 during a save
 # ---------------------------------------------------------------------------------------------------------------
-def _kill_during_a_save(command, out, deadline_s=120):
+def _kill_during_a_save(command, cwd, out, deadline_s=180):
     """Starts the run, SIGKILLs it while it writes checkpoint-N (N >= 2, so one complete checkpoint is before it):
     once the weights are written, before the trainer state. Returns N, or None when the kill landed after that
     save finished."""
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline and process.poll() is None:
@@ -306,13 +317,13 @@ def _kill_during_a_save(command, out, deadline_s=120):
             process.wait()
 
 
-def test_resume_last_skips_a_checkpoint_killed_while_saving(workdir, tmp_path, caplog):
-    train = ["--stage", "full", "--max-steps", "40", "--save-steps", "1", "--learning-rate", "1e-3"]
-    for attempt in range(5):
-        out = tmp_path / f"run{attempt}"
-        command = [sys.executable, "-m", "transformers_af2.trainer.cli"]
-        command += _common(workdir, "--output-dir", str(out), *train)
-        killed_at = _kill_during_a_save(command, out)
+def test_resume_last_skips_a_checkpoint_killed_while_saving(workdir, caplog, monkeypatch):
+    command = shlex.split(LONG_RUN)
+    command[0] = sys.executable
+    out = workdir / "runs" / "full"
+    for _attempt in range(5):
+        shutil.rmtree(out, ignore_errors=True)
+        killed_at = _kill_during_a_save(command, workdir, out)
         if killed_at is not None:
             break
     else:
@@ -320,12 +331,17 @@ def test_resume_last_skips_a_checkpoint_killed_while_saving(workdir, tmp_path, c
     print(f"killed while saving checkpoint-{killed_at}: {sorted(os.listdir(out / f'checkpoint-{killed_at}'))}")
     assert last_complete_checkpoint(out) == str(out / f"checkpoint-{killed_at - 1}")
 
-    resume = _common(workdir, "--output-dir", str(out), "--stage", "full", "--learning-rate", "1e-3")
-    resume += ["--max-steps", str(killed_at + 1), "--save-strategy", "no", "--resume-from-checkpoint", "last"]
-    assert _cli(resume) == 0
+    monkeypatch.chdir(workdir)
+    assert _run(RESUME.format(step=killed_at + 1)) == 0
     assert f"checkpoint-{killed_at}: incomplete checkpoint" in caplog.text
     losses = _logged_losses(out)
     assert sorted(losses) == list(range(1, killed_at + 2))  # the steps of checkpoint-(N-1), then N and N+1 again
+
+
+def test_readme_shows_the_commands_run_here():
+    text = " ".join(README.read_text().replace("\\\n", " ").split())
+    for command in (CPU_RUN, TWO_PROCESSES, LONG_RUN, RESUME.format(step=8), LORA_RUN, CONTINUE_ADAPTER, BAD_ROWS):
+        assert command in text, command
 
 
 # ---------------------------------------------------------------------------------------------------------------

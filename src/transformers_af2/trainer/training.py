@@ -17,7 +17,7 @@
 
 Everything else is the standard Trainer: length-grouped batches with `train_sampling_strategy="group_by_length"`
 (the readers in `data.py` add the `length` column, windows first), variable-size batches balanced by cost with
-`"batch_rebalance"`, `gradient_checkpointing`, `bf16` / `fp16`, `gradient_accumulation_steps`,
+`"batch_rebalance"`, `activation_checkpointing`, `bf16` / `fp16`, `gradient_accumulation_steps`,
 `resume_from_checkpoint`, FSDP / DeepSpeed / DDP through accelerate.
 """
 
