@@ -24,6 +24,7 @@ from typing import get_type_hints
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 from .stages import STAGES
 
@@ -157,11 +158,24 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
     training = parser.add_argument_group("TrainingArguments")
     hints = get_type_hints(TrainingArguments)
-    for field in dataclasses.fields(TrainingArguments):
-        if not field.init or field.name in _OWN_OPTIONS:
+    fields = {field.name: field for field in dataclasses.fields(TrainingArguments) if field.init}
+    for name, field in fields.items():
+        if name in _OWN_OPTIONS:
             continue
-        field.type = hints[field.name]
+        field.type = hints[name]
         HfArgumentParser._parse_dataclass_field(training, field)
+    if "activation_checkpointing" not in fields:
+        # Releases before the rename call it gradient_checkpointing; the current name works on every release.
+        training.add_argument(
+            "--activation-checkpointing",
+            "--activation_checkpointing",
+            dest="gradient_checkpointing",
+            type=string_to_bool,
+            nargs="?",
+            const=True,
+            default=argparse.SUPPRESS,
+            help="recompute activations in the backward pass (gradient_checkpointing in this transformers release)",
+        )
     # Evaluation reports the loss only unless asked otherwise: gathering full-vocabulary logits of a whole eval set
     # costs far more memory than a language model's evaluation needs.
     parser.set_defaults(handler=run_train, prediction_loss_only=True)
