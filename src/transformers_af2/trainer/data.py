@@ -359,7 +359,7 @@ def check_row(example: Mapping[str, Any], collator) -> dict:
         with _quiet_feature_extractor():
             collator.feature_extractor.load_audio(audio, sampling_rate=collator.sampling_rate)
     except Exception as error:  # noqa: BLE001 - whatever fails to decode here would fail the run at that step
-        reason = " ".join(str(error).split()) or type(error).__name__
+        reason = " ".join(str(error).split()).rstrip(".") or type(error).__name__
         return {**result, "kind": UNREADABLE_AUDIO, "reason": f"cannot read its audio: {reason}"}
 
     answer = example[collator.answer_key]
