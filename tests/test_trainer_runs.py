@@ -338,6 +338,37 @@ def test_resume_last_skips_a_checkpoint_killed_while_saving(workdir, caplog, mon
     assert sorted(losses) == list(range(1, killed_at + 2))  # the steps of checkpoint-(N-1), then N and N+1 again
 
 
+def test_trainer_resume_true_skips_an_incomplete_checkpoint(tiny_processor, audio_files, tmp_path, caplog):  # noqa: F811
+    """The library path (`trainer.train(resume_from_checkpoint=True)`), on a folder as a killed save leaves it."""
+    rows = [{"audio": audio_files["1s"], "prompt": f"q{i}", "answer": f"answer {i}"} for i in range(3)]
+    dataset = from_hf_dataset(datasets.Dataset.from_list(rows))
+
+    def trainer(max_steps, seed):
+        model = tiny_model(tiny_processor, seed=seed, gates=0.5)
+        return AudioFlamingo2Trainer(
+            model=model,
+            args=_args(
+                tmp_path, per_device_train_batch_size=1, max_steps=max_steps, save_strategy="steps", save_steps=1
+            ),
+            trainable=set_trainable_parameters(model, "pretrain"),
+            data_collator=AudioFlamingo2DataCollator(tiny_processor),
+            train_dataset=dataset,
+        )
+
+    first = trainer(2, seed=4)
+    first.train()
+    out = tmp_path / "out"
+    (out / "checkpoint-2" / "trainer_state.json").unlink()  # what a kill between the weights and the state leaves
+    # Another initialisation: only a real resume from checkpoint-1 reproduces the first run's step 2.
+    resumed = trainer(3, seed=5)
+    resumed.train(resume_from_checkpoint=True)
+    assert "checkpoint-2: incomplete checkpoint" in caplog.text
+    before = {entry["step"]: entry["loss"] for entry in first.state.log_history if "loss" in entry}
+    after = {entry["step"]: entry["loss"] for entry in resumed.state.log_history if "loss" in entry}
+    assert sorted(after) == [1, 2, 3] and after[1] == before[1]
+    assert abs(after[2] - before[2]) <= 1e-5, (before, after)
+
+
 def test_readme_shows_the_commands_run_here():
     text = " ".join(README.read_text().replace("\\\n", " ").split())
     for command in (CPU_RUN, TWO_PROCESSES, LONG_RUN, RESUME.format(step=8), LORA_RUN, CONTINUE_ADAPTER, BAD_ROWS):

@@ -121,6 +121,15 @@ class AudioFlamingo2Trainer(Trainer):
             mask_embedding_gradient(self.model.get_parameter(self.embedding_parameter_name), self.embedding_rows)
         return loss
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint of
+        `args.output_dir` (see `last_complete_checkpoint`), not a half-written one."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in {self.args.output_dir}.")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _remove_unused_columns(self, dataset, description: str | None = None):
         # The collator turns `audio`, `prompt`, `answer` into model inputs; none of them is a forward argument.
         return dataset
