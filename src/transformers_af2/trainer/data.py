@@ -402,14 +402,15 @@ def check_training_data(
         `(dataset of the kept rows, DataCheck)`; the summary is also logged.
     """
 
-    def check(example, index):
-        found = check_row(example, collator)
-        return {"_check_" + key: value for key, value in found.items()}
+    def check(example):
+        return {"_check_" + key: value for key, value in check_row(example, collator).items()}
 
+    # Only the findings come back (a few bytes a row, kept in memory): no copy of the data, no cache file.
     checked = dataset.map(
         check,
-        with_indices=True,
+        remove_columns=dataset.column_names,
         num_proc=num_proc,
+        keep_in_memory=True,
         load_from_cache_file=False,
         new_fingerprint=f"af2-check-{uuid.uuid4().hex}",  # the collator (a tokenizer) is not worth hashing
         desc="checking every row",
