@@ -48,7 +48,17 @@ def _add_convert(subparsers) -> None:
     parser.add_argument(
         "source", help="local directory or hub id in the original layout, e.g. nvidia/audio-flamingo-2"
     )
-    parser.add_argument("output", help="directory to write the converted repository to (replaced atomically)")
+    parser.add_argument(
+        "output",
+        help="directory to write the converted repository to; an earlier conversion there is replaced atomically, "
+        "anything else is refused unless --overwrite",
+    )
+    parser.add_argument("--revision", help="branch, tag or commit of a hub SOURCE (default: main)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT even when it is not an earlier AF2 conversion (its content is deleted)",
+    )
     parser.add_argument(
         "--config",
         help="the original configs/inference.yaml (clap_config + model_config); not needed for the released hub ids",
@@ -66,31 +76,32 @@ def _add_convert(subparsers) -> None:
 def _run_convert(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .convert import convert_checkpoint, resolve_source, save_atomically
+    from .convert import check_output, convert_checkpoint, resolve_source
 
     if args.quiet:
         _disable_progress_bars()
     # disable=None: tqdm shows the bar only when stderr is a terminal (not in logs or CI).
     bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
     with hf_logging.tqdm(
-        total=3, desc="af2 convert", bar_format=bar_format, disable=True if args.quiet else None
+        total=2, desc="af2 convert", bar_format=bar_format, disable=True if args.quiet else None
     ) as bar:
         bar.set_postfix_str(f"fetching {args.source}")
-        resolve_source(args.source)  # hub ids: download (huggingface_hub shows a bar per file); directories: as is
+        # hub ids: download (huggingface_hub shows a bar per file); directories: as is
+        directory = resolve_source(args.source, args.revision)
+        check_output(args.output, directory, args.overwrite)  # refuse before the conversion, not after it
         bar.update()
-        bar.set_postfix_str("reading and converting weights")
-        model, processor = convert_checkpoint(
+        bar.set_postfix_str(f"converting into {args.output}")
+        convert_checkpoint(
             args.source,
-            None,
+            args.output,
             config=args.config,
             tokenizer=args.tokenizer,
             lm_config=args.lm_config,
             lm_weights=args.lm_weights,
             dtype=args.dtype,
+            revision=args.revision,
+            overwrite=args.overwrite,
         )
-        bar.update()
-        bar.set_postfix_str(f"writing {args.output}")
-        save_atomically(model, processor, args.output)
         bar.update()
     print(f"wrote {args.output}")
     return 0

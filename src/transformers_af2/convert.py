@@ -14,11 +14,14 @@ error listing them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
+import secrets
 import shutil
-import tempfile
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,16 +81,38 @@ def is_original_layout(source: str | os.PathLike) -> bool:
     return (Path(source) / "safe_ckpt" / "metadata.json").is_file()
 
 
-def resolve_source(source: str | os.PathLike) -> Path:
-    """Local directory as is; a hub id is downloaded (only the files conversion needs)."""
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_ORIGINAL_FILES = ["safe_ckpt/*", "clap_ckpt/*", "configs/*"]
+
+
+def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """Local directory as is; a hub id is downloaded (only the files conversion needs) or, offline, taken from the
+    hub cache. The directory of a hub id is its snapshot, named by the commit."""
     path = Path(source)
     if path.is_dir():
         return path
-    if str(source) not in KNOWN_CHECKPOINTS and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+    if path.exists():
+        raise ConversionError(f"SOURCE {source} is a file; expected a checkpoint directory or a hub id.")
+    if str(source) not in KNOWN_CHECKPOINTS and not HUB_ID.fullmatch(str(source)):
         raise ConversionError(f"SOURCE {source!r} is neither a local directory nor a hub id.")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return Path(snapshot_download(str(source), allow_patterns=["safe_ckpt/*", "clap_ckpt/*", "configs/*"]))
+    try:
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=_ORIGINAL_FILES))
+    except (HfHubHTTPError, LocalEntryNotFoundError) as error:
+        raise ConversionError(
+            f"{source}{'@' + revision if revision else ''}: cannot fetch the checkpoint ({_one_line(error)})."
+        ) from error
+
+
+def source_revision(directory: Path) -> str | None:
+    """The commit of a hub snapshot (`.../snapshots/<commit>`), None for any other directory."""
+    return directory.name if directory.parent.name == "snapshots" else None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300] or type(error).__name__
 
 
 def load_clap_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -95,19 +120,42 @@ def load_clap_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Reads `clap_ckpt/*.pt` without executing code from it: `weights_only=True`, with only the numpy scalar types the
     released file needs (its `best_metric` is a numpy float64) added to torch's allow-list.
     """
+    _require_file(path, "a CLAP checkpoint (.pt)")
     allowed = [np.dtype, type(np.dtype(np.float64)), _numpy_scalar_reconstructor()]
     try:
         with torch.serialization.safe_globals(allowed):
             payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError or RuntimeError depending on the version
+    except pickle.UnpicklingError as error:
+        detail = str(error)
+        # torch's weights-only unpickler says "Unsupported global: GLOBAL module.name" for a refused callable and
+        # "Unsupported operand" for pickle opcodes it does not run; anything else is a damaged file.
+        if "Unsupported" in detail:
+            raise ConversionError(
+                f"{path}: refused to load: the pickle needs something outside the allow-list of tensors and numpy "
+                f"scalars, so it may execute code ({_first_line_naming(detail, 'Unsupported')}). Only load "
+                "checkpoints you trust, and convert them from the official files."
+            ) from error
+        raise ConversionError(f"{path}: not a readable checkpoint, the file is truncated or corrupt.") from error
+    except (RuntimeError, EOFError, ValueError) as error:  # a cut zip archive, a cut legacy pickle
         raise ConversionError(
-            f"{path}: refused to load: the pickle needs something outside the allow-list of tensors and numpy "
-            f"scalars, so it may execute code ({type(error).__name__}: {str(error).splitlines()[0][:300]}). "
-            "Only load checkpoints you trust, and convert them from the official files."
+            f"{path}: not a readable checkpoint, the file is truncated or corrupt ({str(error).splitlines()[0][:200]}); "
+            "download it again."
         ) from error
     if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
         raise ConversionError(f"{path}: expected a dict with a 'state_dict' entry, as CLAP checkpoints have.")
     return payload["state_dict"]
+
+
+def _first_line_naming(text: str, word: str) -> str:
+    return next((line.strip() for line in text.splitlines() if word in line), text.splitlines()[0])[:300]
+
+
+def _require_file(path: str | os.PathLike, what: str) -> None:
+    """A clear error for a directory or a missing path where `what` (a file) is expected."""
+    if os.path.isdir(path):
+        raise ConversionError(f"{path} is a directory; expected {what}.")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such file; expected {what}.")
 
 
 def _numpy_scalar_reconstructor():
@@ -117,11 +165,26 @@ def _numpy_scalar_reconstructor():
 
 def read_safe_ckpt(directory: Path) -> dict[str, torch.Tensor]:
     metadata_path = directory / "safe_ckpt" / "metadata.json"
-    with open(metadata_path) as handle:
-        metadata = json.load(handle)
+    _require_file(metadata_path, "safe_ckpt/metadata.json (chunk name -> list of keys)")
+    try:
+        with open(metadata_path) as handle:
+            metadata = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{metadata_path}: not valid JSON ({error}); the download may be truncated.") from None
+    if not isinstance(metadata, dict) or not all(isinstance(keys, list) for keys in metadata.values()):
+        raise ConversionError(f"{metadata_path}: expected a JSON object mapping chunk names to lists of keys.")
     tensors: dict[str, torch.Tensor] = {}
+    chunk_of: dict[str, str] = {}
+    duplicates: list[str] = []
     for chunk, keys in metadata.items():
+        # A chunk is a file name inside safe_ckpt/; anything that could reach outside it is refused, not read.
+        if not chunk or chunk in (".", "..") or "/" in chunk or "\\" in chunk or os.path.isabs(chunk):
+            raise ConversionError(
+                f"{metadata_path} names chunk {chunk!r}; chunk names must be plain file names inside safe_ckpt/."
+            )
         chunk_path = directory / "safe_ckpt" / f"{chunk}.safetensors"
+        if chunk_path.is_dir():
+            raise ConversionError(f"{chunk_path} is a directory; expected a safetensors file.")
         if not chunk_path.is_file():
             raise ConversionError(f"{metadata_path} lists chunk {chunk!r} but {chunk_path} does not exist.")
         try:
@@ -130,6 +193,10 @@ def read_safe_ckpt(directory: Path) -> dict[str, torch.Tensor]:
                 if missing:
                     raise ConversionError(f"{chunk_path} lacks keys that metadata.json lists: {missing[:10]}")
                 for key in reader.keys():
+                    if key in chunk_of:
+                        duplicates.append(f"{key} (in {chunk_of[key]} and {chunk})")
+                        continue
+                    chunk_of[key] = chunk
                     tensors[key] = reader.get_tensor(key)
         except ConversionError:
             raise
@@ -137,6 +204,9 @@ def read_safe_ckpt(directory: Path) -> dict[str, torch.Tensor]:
             raise ConversionError(
                 f"{chunk_path}: not a readable safetensors file ({error}); the download may be truncated."
             ) from error
+    if duplicates:
+        # Which copy the original ends up with depends on dict order; guessing could silently pick the wrong one.
+        raise ConversionError(f"{len(duplicates)} keys appear in several safe_ckpt chunks: {duplicates[:10]}")
     return tensors
 
 
@@ -278,6 +348,8 @@ def rename_clap_ckpt_key(key: str) -> list[tuple[str, Callable]] | None:
 def load_original_config(config_path: str | os.PathLike | None, source: str, directory: Path) -> dict:
     """The original `configs/inference.yaml` content: from --config, else the checkpoint's own configs/, else the
     released values for the known hub ids, else empty (everything must then come from the weights)."""
+    if config_path and os.path.isdir(config_path):
+        raise ConversionError(f"--config {config_path} is a directory; expected the inference YAML file.")
     candidates = [Path(config_path)] if config_path else [directory / "configs" / "inference.yaml"]
     for candidate in candidates:
         if candidate.is_file():
@@ -478,7 +550,10 @@ def build_config(
     if inv_freq is not None:
         rotary_dim = config.audio_transformer_rotary_dim
         expected = 1.0 / (config.audio_transformer_rope_theta ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
-        if inv_freq.shape != expected.shape or not torch.allclose(inv_freq.float(), expected, rtol=1e-5):
+        # Compared at the precision the checkpoint stored them in: a float16/bfloat16 save rounds every value.
+        stored = inv_freq.dtype if inv_freq.is_floating_point() else torch.float32
+        rtol = max(1e-5, 2 * torch.finfo(stored).eps)
+        if inv_freq.shape != expected.shape or not torch.allclose(inv_freq.float(), expected, rtol=rtol):
             raise ConversionError(
                 f"the audio transformer's stored rotary frequencies ({inv_freq.shape[0]} values) do not match "
                 f"{heads} heads (rotary width {rotary_dim}, base {config.audio_transformer_rope_theta}); check "
@@ -587,6 +662,14 @@ def assemble_state_dict(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_finite(state: dict[str, torch.Tensor], label: str) -> None:
+    """Raises ConversionError naming every tensor holding NaN or infinity: such weights make greedy decoding answer
+    token 0 forever instead of failing."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConversionError(f"{label}: {len(bad)} tensors hold NaN or infinite values: {sorted(bad)[:20]}")
+
+
 def _dtype(name: str | torch.dtype | None) -> torch.dtype:
     if name is None or isinstance(name, torch.dtype):
         return name or torch.float32
@@ -610,17 +693,22 @@ def convert_model(
     lm_config: str | os.PathLike | None = None,
     lm_weights: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "float32",
+    revision: str | None = None,
 ):
     """The model half of `convert_checkpoint`: returns `(model, tokenizer, original_config)`."""
-    directory = resolve_source(source)
+    return _convert_model(source, resolve_source(source, revision), config, tokenizer, lm_config, lm_weights, dtype)
+
+
+def _convert_model(source, directory: Path, config, tokenizer, lm_config, lm_weights, dtype):
     original_config = load_original_config(config, str(source), directory)
     model_config = original_config.get("model_config", {}) or {}
     tokenizer_source = tokenizer or model_config.get("tokenizer_path")
     lm_config_source = lm_config or model_config.get("lang_encoder_path")
     if tokenizer_source is None or lm_config_source is None:
         raise ConversionError(
-            f"{source}: which Qwen2.5 base model is this? Pass --tokenizer and --lm-config (paths or hub ids), or "
-            "--config with model_config.tokenizer_path and lang_encoder_path."
+            f"{source}: which Qwen2.5 base model is this? Its configs/inference.yaml is missing or names no base "
+            "model: pass --tokenizer and --lm-config (paths or hub ids), or --config with "
+            "model_config.tokenizer_path and lang_encoder_path."
         )
     checkpoint = read_original_checkpoint(directory)
     text_tokenizer = build_tokenizer(tokenizer_source)
@@ -636,8 +724,10 @@ def convert_model(
     non_persistent = {name for name, _ in model.named_buffers() if name not in expected}
     expected = {k: v for k, v in expected.items() if k not in non_persistent}
     state = assemble_state_dict(checkpoint, expected, lm_weights or lm_config_source, config_obj.tie_word_embeddings)
+    check_finite(state, f"the checkpoint {source}")
     target_dtype = _dtype(dtype)
     state = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    check_finite(state, f"the checkpoint {source} cast to {target_dtype} (values beyond its range)")
     del checkpoint
     model.load_state_dict(state, strict=False, assign=True)
     # Non-persistent buffers (rotary frequencies, Swin's relative indices) are computed, not stored.
@@ -657,10 +747,14 @@ def convert_checkpoint(
     lm_config: str | os.PathLike | None = None,
     lm_weights: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "float32",
+    revision: str | None = None,
+    overwrite: bool = False,
 ):
     """
     Converts an original-layout AF2 checkpoint. Returns `(model, processor)`; when `output` is given, also writes a
-    complete transformers repository there (atomically: a failed conversion leaves no partial directory).
+    complete transformers repository there (atomically: a failed conversion leaves no partial directory). An
+    existing `output` is replaced only when it is an earlier conversion, or with `overwrite`; an `output` that is,
+    holds or lies inside the source is always refused (see `save_atomically`).
 
     Args:
         source: local directory or hub id in the original layout.
@@ -670,10 +764,16 @@ def convert_checkpoint(
         lm_config: base Qwen2.5 config (config.json path, directory or id); defaults to model_config.lang_encoder_path.
         lm_weights: base LM weights, only read for LM parameters that safe_ckpt lacks; defaults to lm_config.
         dtype: dtype of the written weights.
+        revision: branch, tag or commit of a hub id.
+        overwrite: replace an existing `output` even when it is not an earlier conversion.
     """
     from .processing import AudioFlamingo2FeatureExtractor, AudioFlamingo2Processor
 
-    model, text_tokenizer, original_config = convert_model(source, config, tokenizer, lm_config, lm_weights, dtype)
+    directory = resolve_source(source, revision)
+    if output is not None:
+        check_output(output, directory, overwrite)  # before the minutes of conversion, not after
+    options = {"config": config, "tokenizer": tokenizer, "lm_config": lm_config, "lm_weights": lm_weights}
+    model, text_tokenizer, original_config = _convert_model(source, directory, dtype=dtype, **options)
     config_obj = model.config
     clap_config = original_config.get("clap_config", {}) or {}
     feature_extractor = AudioFlamingo2FeatureExtractor(
@@ -690,7 +790,13 @@ def convert_checkpoint(
         do_sample=False,
     )
     if output is not None:
-        save_atomically(model, processor, output)
+        provenance = {
+            "source": str(source),
+            "revision": source_revision(directory),
+            "options": {k: str(v) for k, v in options.items() if v is not None},
+            "dtype": str(_dtype(dtype)).removeprefix("torch."),
+        }
+        save_atomically(model, processor, output, directory, overwrite, provenance)
     return model, processor
 
 
@@ -711,26 +817,167 @@ def _materialise_buffers(model: torch.nn.Module, config: AudioFlamingo2Config) -
                 raise ConversionError(f"buffer {name} of {type(module).__name__} was not filled by the checkpoint.")
 
 
-def save_atomically(model, processor, output: str | os.PathLike) -> Path:
-    """Writes into a temporary sibling directory, then renames it into place."""
+# ----------------------------------------------------------------------------------------------------------------
+# Writing the output: only ever replaces an earlier conversion
+# ----------------------------------------------------------------------------------------------------------------
+
+# Written into every converted repository. Its presence is what lets a later conversion replace the folder: a folder
+# without it (user files, a fine-tune saved with save_pretrained, the source itself) is never deleted unasked.
+CONVERSION_MARKER = "af2_conversion.json"
+_STAGING_TAG = "af2-staging"
+_BACKUP_TAG = "af2-replaced"
+
+
+def is_af2_conversion(path: str | os.PathLike) -> bool:
+    """True for a directory this converter wrote: it holds the marker file and an AF2 config.json."""
+    path = Path(path)
+    try:
+        marker = json.loads((path / CONVERSION_MARKER).read_text())
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and isinstance(config, dict) and config.get("model_type") == "audioflamingo2"
+
+
+def check_output(output: str | os.PathLike, source_dir: str | os.PathLike | None = None, overwrite: bool = False):
+    """
+    Raises ConversionError when writing `output` could destroy something that is not an earlier conversion: the
+    source checkpoint (output equal to it, inside it or containing it, symlinks resolved), or an existing path that
+    is not an AF2 conversion (allowed with `overwrite`).
+    """
     output = Path(output)
+    resolved = output.resolve()
+    if source_dir is not None:
+        source = Path(source_dir).resolve()
+        if resolved == source or resolved in source.parents or source in resolved.parents:
+            relation = "is" if resolved == source else ("contains" if resolved in source.parents else "is inside")
+            raise ConversionError(
+                f"output {output} {relation} the source checkpoint {source_dir}; choose an output folder elsewhere."
+            )
+    if (output.exists() or output.is_symlink()) and not overwrite and not is_af2_conversion(output):
+        raise ConversionError(
+            f"output {output} exists and is not an earlier AF2 conversion (no {CONVERSION_MARKER}); refusing to "
+            "replace it. Choose another folder, or pass --overwrite (overwrite=True) to replace it."
+        )
+
+
+def save_atomically(
+    model,
+    processor,
+    output: str | os.PathLike,
+    source_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    provenance: dict | None = None,
+) -> Path:
+    """
+    Writes the repository into a staging sibling, then renames it into place, so `output` is at every moment either
+    absent, the previous conversion or the complete new one. An existing `output` is replaced only when it is an
+    earlier conversion (or `overwrite`); see `check_output`. The staging and backup names carry this process's
+    host and pid, so a later run can remove what a killed one left (`remove_stale_staging`).
+    """
+    output = Path(output)
+    check_output(output, source_dir, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    remove_stale_staging(output)
+    staging = _unique_sibling(output, _STAGING_TAG)
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        if output.exists():
-            backup = output.with_name(output.name + ".old")
-            shutil.rmtree(backup, ignore_errors=True)
+        (staging / CONVERSION_MARKER).write_text(json.dumps(provenance or {}, indent=2, sort_keys=True) + "\n")
+        _apply_umask(staging)
+        check_output(output, source_dir, overwrite)  # the folder may have changed during the conversion
+        if output.exists() or output.is_symlink():
+            backup = _unique_sibling(output, _BACKUP_TAG, create=False)
             output.rename(backup)
-            staging.rename(output)
-            shutil.rmtree(backup, ignore_errors=True)
+            try:
+                staging.rename(output)
+            except BaseException:
+                backup.rename(output)
+                raise
+            _remove(backup)
         else:
             staging.rename(output)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
         raise
     return output
+
+
+def _unique_sibling(output: Path, tag: str, create: bool = True) -> Path:
+    """`.NAME.TAG.HOST.PID.RANDOM` beside `output`; created with the usual permissions (mkdtemp would give 0700)."""
+    path = output.with_name(staging_name(output, tag, os.getpid()))
+    if create:
+        path.mkdir()
+    return path
+
+
+def staging_name(output: Path, tag: str, pid: int | str) -> str:
+    return f".{output.name}.{tag}.{_host()}.{pid}.{secrets.token_hex(4)}"
+
+
+def _apply_umask(directory: Path) -> None:
+    """Gives the files the permissions the user's umask asks for: safetensors writes weights as 0600, which would make
+    a converted repository (or a shared conversion cache) unreadable to the user's group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_staging(output: str | os.PathLike) -> list[Path]:
+    """
+    Removes the staging folders beside `output` left by conversions on this host whose process is gone (killed with
+    SIGKILL, or the machine lost power). A backup of an earlier conversion whose replacement never landed is put back
+    in place. Returns what was removed.
+    """
+    output = Path(output)
+    pattern = re.compile(
+        rf"^\.{re.escape(output.name)}\.({_STAGING_TAG}|{_BACKUP_TAG})\.{re.escape(_host())}\.(\d+)\.[0-9a-f]+$"
+    )
+    removed = []
+    if not output.parent.is_dir():
+        return removed
+    for candidate in output.parent.iterdir():
+        match = pattern.match(candidate.name)
+        if not match or _process_alive(int(match.group(2))):
+            continue
+        if match.group(1) == _BACKUP_TAG and not (output.exists() or output.is_symlink()):
+            candidate.rename(output)
+            continue
+        _remove(candidate)
+        removed.append(candidate)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The conversion cache: original-layout checkpoints loaded by id are converted once per content
+# ----------------------------------------------------------------------------------------------------------------
+
+# Part of every cache key: raise it when a converter change alters what a conversion writes.
+CONVERSION_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -739,17 +986,62 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("AF2_CACHE", Path(HF_HOME) / "transformers_af2"))
 
 
-def converted_cache_path(source: str | os.PathLike, **options) -> Path:
-    """Where `from_pretrained(original_layout)` keeps its conversion; keyed by source and options."""
-    import hashlib
-
-    source_path = Path(source)
-    stamp = str(source)
-    if source_path.is_dir():
-        files = sorted(
-            p for p in source_path.rglob("*") if p.is_file() and ("safe_ckpt" in p.parts or "clap_ckpt" in p.parts)
+def _content_stamp(value) -> str:
+    """What a source or option *is*, not what it is called: a hub snapshot's commit, a file's bytes, a directory's
+    files (path, size, mtime); any other value (a hub id of the base model, a dtype) as written."""
+    if value is None:
+        return "-"
+    path = Path(value)
+    if path.is_file():
+        return "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.is_dir():
+        commit = source_revision(path.resolve()) or source_revision(path)
+        if commit is not None:
+            return f"snapshot:{commit}"
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return f"dir:{path.resolve()}" + "".join(
+            f"|{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files
         )
-        stamp += "".join(f"|{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    stamp += json.dumps({k: str(v) for k, v in sorted(options.items())})
-    digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
-    return default_cache_dir() / f"{re.sub(r'[^A-Za-z0-9._-]', '_', source_path.name or str(source))}-{digest}"
+    return f"value:{value}"
+
+
+def converted_cache_path(source: str | os.PathLike, directory: Path | None = None, **options) -> Path:
+    """
+    Where the conversion of `source` with `options` (convert_checkpoint's keyword arguments) is cached. The key
+    covers the content: the hub commit (or the local files), the bytes of the `config` YAML and of local base-model
+    files, the other options, and the converter's format. `directory` is the resolved source when known.
+    """
+    directory = resolve_source(source) if directory is None else directory
+    stamp = {
+        "format": CONVERSION_FORMAT,
+        "source": str(source),
+        "content": _content_stamp(directory),
+        "options": {k: _content_stamp(v) for k, v in sorted(options.items()) if v is not None},
+    }
+    digest = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(
+        r"[^A-Za-z0-9._-]",
+        "_",
+        str(source).strip("/").replace("/", "--") if not Path(source).is_dir() else Path(source).resolve().name,
+    )
+    return default_cache_dir() / f"{name}-{digest}"
+
+
+def cached_conversion(source: str | os.PathLike, revision: str | None = None, **options) -> Path:
+    """
+    The converted repository of `source`, converting it on first use into the cache (see `converted_cache_path`).
+    A file lock makes concurrent callers (threads or processes) convert once; the others wait and reuse it, and
+    nobody sees a half-written folder since the conversion lands by rename.
+    """
+    from filelock import FileLock
+
+    directory = resolve_source(source, revision)
+    target = converted_cache_path(source, directory, **options)
+    if is_af2_conversion(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not is_af2_conversion(target):
+            logger.warning(f"Converting {source} from the original layout into {target} (once).")
+            convert_checkpoint(source, target, revision=revision, **options)
+    return target
