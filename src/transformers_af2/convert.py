@@ -85,7 +85,9 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _ORIGINAL_FILES = ["safe_ckpt/*", "clap_ckpt/*", "configs/*"]
 
 
-def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve_source(
+    source: str | os.PathLike, revision: str | None = None, cache_dir=None, token=None, local_files_only=False
+) -> Path:
     """Local directory as is; a hub id is downloaded (only the files conversion needs) or, offline, taken from the
     hub cache. The directory of a hub id is its snapshot, named by the commit."""
     path = Path(source)
@@ -99,7 +101,16 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Pa
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(str(source), revision=revision, allow_patterns=_ORIGINAL_FILES))
+        return Path(
+            snapshot_download(
+                str(source),
+                revision=revision,
+                allow_patterns=_ORIGINAL_FILES,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        )
     except (HfHubHTTPError, LocalEntryNotFoundError) as error:
         raise ConversionError(
             f"{source}{'@' + revision if revision else ''}: cannot fetch the checkpoint ({_one_line(error)})."
@@ -469,9 +480,9 @@ def _cross_attention_layers(checkpoint: OriginalCheckpoint, num_layers: int) -> 
     return sorted(found)
 
 
-def build_tokenizer(tokenizer_source: str | os.PathLike):
+def build_tokenizer(tokenizer_source: str | os.PathLike, **hub_kwargs):
     """The base Qwen2.5 tokenizer plus AF2's tokens, added exactly as the original does."""
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source), **hub_kwargs)
     tokenizer.add_special_tokens({"additional_special_tokens": AF2_SPECIAL_TOKENS})
     tokenizer.pad_token = "<|PAD_TOKEN|>"
     if tokenizer.sep_token is None:
@@ -480,7 +491,7 @@ def build_tokenizer(tokenizer_source: str | os.PathLike):
     return tokenizer
 
 
-def load_lm_config(lm_config_source: str | os.PathLike) -> Qwen2Config:
+def load_lm_config(lm_config_source: str | os.PathLike, **hub_kwargs) -> Qwen2Config:
     path = Path(lm_config_source)
     if path.is_file():
         with open(path) as handle:
@@ -488,7 +499,7 @@ def load_lm_config(lm_config_source: str | os.PathLike) -> Qwen2Config:
         config_dict.pop("_attn_implementation_autoset", None)
         config_dict.pop("transformers_version", None)
         return Qwen2Config(**config_dict)
-    return Qwen2Config.from_pretrained(str(lm_config_source))
+    return Qwen2Config.from_pretrained(str(lm_config_source), **hub_kwargs)
 
 
 def build_config(
@@ -567,13 +578,15 @@ def build_config(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _load_base_lm_weights(lm_source: str | os.PathLike, needed: Iterable[str]) -> dict[str, torch.Tensor]:
+def _load_base_lm_weights(
+    lm_source: str | os.PathLike, needed: Iterable[str], **hub_kwargs
+) -> dict[str, torch.Tensor]:
     """Reads the base LM's safetensors (local dir or hub id) for the keys safe_ckpt does not provide."""
     path = Path(lm_source)
     if not path.is_dir():
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(str(lm_source), allow_patterns=["*.safetensors", "*.json"]))
+        path = Path(snapshot_download(str(lm_source), allow_patterns=["*.safetensors", "*.json"], **hub_kwargs))
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise ConversionError(f"the base LM {lm_source} has no safetensors weights to fill {sorted(needed)[:5]}...")
@@ -594,6 +607,7 @@ def assemble_state_dict(
     expected: dict[str, torch.Tensor],
     lm_weights_source: str | os.PathLike | None,
     tie_word_embeddings: bool,
+    hub_kwargs: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """
     Applies the original precedence (clap_ckpt < base LM < safe_ckpt, and aliases after canonical names) and checks
@@ -629,7 +643,7 @@ def assemble_state_dict(
     missing_lm = [k for k in unfilled if k.startswith("model.language_model.") or k == "lm_head.weight"]
     # A config.json path names no weights; a directory or hub id may hold the base LM's safetensors.
     if missing_lm and lm_weights_source is not None and not Path(lm_weights_source).is_file():
-        base = _load_base_lm_weights(lm_weights_source, set(missing_lm))
+        base = _load_base_lm_weights(lm_weights_source, set(missing_lm), **(hub_kwargs or {}))
         vocab = expected["model.language_model.embed_tokens.weight"].shape[0]
         for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
             if key in base:  # resize_token_embeddings in the original keeps the first rows
@@ -699,7 +713,8 @@ def convert_model(
     return _convert_model(source, resolve_source(source, revision), config, tokenizer, lm_config, lm_weights, dtype)
 
 
-def _convert_model(source, directory: Path, config, tokenizer, lm_config, lm_weights, dtype):
+def _convert_model(source, directory: Path, config, tokenizer, lm_config, lm_weights, dtype, hub_kwargs=None):
+    hub_kwargs = hub_kwargs or {}
     original_config = load_original_config(config, str(source), directory)
     model_config = original_config.get("model_config", {}) or {}
     tokenizer_source = tokenizer or model_config.get("tokenizer_path")
@@ -711,9 +726,9 @@ def _convert_model(source, directory: Path, config, tokenizer, lm_config, lm_wei
             "model_config.tokenizer_path and lang_encoder_path."
         )
     checkpoint = read_original_checkpoint(directory)
-    text_tokenizer = build_tokenizer(tokenizer_source)
+    text_tokenizer = build_tokenizer(tokenizer_source, **hub_kwargs)
     config_obj = build_config(
-        checkpoint, original_config, load_lm_config(lm_config_source), text_tokenizer, str(source)
+        checkpoint, original_config, load_lm_config(lm_config_source, **hub_kwargs), text_tokenizer, str(source)
     )
 
     with torch.device("meta"):
@@ -723,7 +738,9 @@ def _convert_model(source, directory: Path, config, tokenizer, lm_config, lm_wei
         expected.pop("lm_head.weight", None)
     non_persistent = {name for name, _ in model.named_buffers() if name not in expected}
     expected = {k: v for k, v in expected.items() if k not in non_persistent}
-    state = assemble_state_dict(checkpoint, expected, lm_weights or lm_config_source, config_obj.tie_word_embeddings)
+    state = assemble_state_dict(
+        checkpoint, expected, lm_weights or lm_config_source, config_obj.tie_word_embeddings, hub_kwargs
+    )
     check_finite(state, f"the checkpoint {source}")
     target_dtype = _dtype(dtype)
     state = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in state.items()}
@@ -749,6 +766,8 @@ def convert_checkpoint(
     dtype: str | torch.dtype | None = "float32",
     revision: str | None = None,
     overwrite: bool = False,
+    directory: str | os.PathLike | None = None,
+    hub_kwargs: dict | None = None,
 ):
     """
     Converts an original-layout AF2 checkpoint. Returns `(model, processor)`; when `output` is given, also writes a
@@ -766,14 +785,18 @@ def convert_checkpoint(
         dtype: dtype of the written weights.
         revision: branch, tag or commit of a hub id.
         overwrite: replace an existing `output` even when it is not an earlier conversion.
+        directory: the files of `source` when already fetched (`resolve_source`).
+        hub_kwargs: `cache_dir`, `token`, `local_files_only` for fetching the base model from the hub.
     """
     from .processing import AudioFlamingo2FeatureExtractor, AudioFlamingo2Processor
 
-    directory = resolve_source(source, revision)
+    directory = resolve_source(source, revision) if directory is None else Path(directory)
     if output is not None:
         check_output(output, directory, overwrite)  # before the minutes of conversion, not after
     options = {"config": config, "tokenizer": tokenizer, "lm_config": lm_config, "lm_weights": lm_weights}
-    model, text_tokenizer, original_config = _convert_model(source, directory, dtype=dtype, **options)
+    model, text_tokenizer, original_config = _convert_model(
+        source, directory, dtype=dtype, hub_kwargs=hub_kwargs, **options
+    )
     config_obj = model.config
     clap_config = original_config.get("clap_config", {}) or {}
     feature_extractor = AudioFlamingo2FeatureExtractor(
@@ -1027,15 +1050,23 @@ def converted_cache_path(source: str | os.PathLike, directory: Path | None = Non
     return default_cache_dir() / f"{name}-{digest}"
 
 
-def cached_conversion(source: str | os.PathLike, revision: str | None = None, **options) -> Path:
+def cached_conversion(
+    source: str | os.PathLike,
+    revision: str | None = None,
+    hub_cache_dir=None,
+    token=None,
+    local_files_only: bool = False,
+    **options,
+) -> Path:
     """
-    The converted repository of `source`, converting it on first use into the cache (see `converted_cache_path`).
-    A file lock makes concurrent callers (threads or processes) convert once; the others wait and reuse it, and
-    nobody sees a half-written folder since the conversion lands by rename.
+    The converted repository of `source` (`options`: convert_checkpoint's keyword arguments), converting it on first
+    use into the cache (see `converted_cache_path`). A file lock makes concurrent callers, threads or processes,
+    convert once: the others wait, then reuse it; nobody sees a half-written folder since a conversion lands by
+    rename. `hub_cache_dir` and `token` are for fetching a hub id.
     """
     from filelock import FileLock
 
-    directory = resolve_source(source, revision)
+    directory = resolve_source(source, revision, hub_cache_dir, token, local_files_only)
     target = converted_cache_path(source, directory, **options)
     if is_af2_conversion(target):
         return target
@@ -1043,5 +1074,9 @@ def cached_conversion(source: str | os.PathLike, revision: str | None = None, **
     with FileLock(str(target) + ".lock"):
         if not is_af2_conversion(target):
             logger.warning(f"Converting {source} from the original layout into {target} (once).")
-            convert_checkpoint(source, target, revision=revision, **options)
+            hub_kwargs = {"cache_dir": hub_cache_dir, "token": token, "local_files_only": local_files_only}
+            hub_kwargs = {k: v for k, v in hub_kwargs.items() if v}
+            convert_checkpoint(
+                source, target, revision=revision, directory=directory, hub_kwargs=hub_kwargs, **options
+            )
     return target
