@@ -41,6 +41,8 @@ except ImportError:  # a clean clone that was not pip-installed: use its src/ di
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import transformers_af2  # noqa: F401
 
+from transformers_af2.compat import CACHE_KWARG  # noqa: E402  (after the import fallback above)
+
 # --------------------------------------------------------------------------------------------------------------
 # Shapes
 # --------------------------------------------------------------------------------------------------------------
@@ -494,7 +496,7 @@ def prepare_decode_step(model, device, args, ids, mask, **prefill_inputs):
     """Prefills once (the model's own cache, audio K/V included) and returns a function that times
     `args.decode_steps` single-token forwards on that cache, crops it back, and returns seconds per step."""
     out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **prefill_inputs)
-    cache = out.past_key_values
+    cache = out[CACHE_KWARG]
     prefill_length = cache.get_seq_length()
     first_token = out.logits[:, -1:].argmax(-1)
     ones = torch.ones(ids.shape[0], 1, dtype=mask.dtype, device=device)
@@ -505,7 +507,7 @@ def prepare_decode_step(model, device, args, ids, mask, **prefill_inputs):
         start = time.perf_counter()
         for _ in range(args.decode_steps):
             step_mask = torch.cat([step_mask, ones], dim=1)
-            logits = model(input_ids=token, attention_mask=step_mask, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=token, attention_mask=step_mask, use_cache=True, **{CACHE_KWARG: cache}).logits
             token = logits[:, -1:].argmax(-1)
         synchronize(device)
         elapsed = time.perf_counter() - start
@@ -615,12 +617,12 @@ def bench_compile(args, model, device, results):
     features, features_mask = audio_features([10], device)
     out = model(input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask,
                 use_cache=True, logits_to_keep=1)  # fmt: skip
-    cache = out.past_key_values
+    cache = out[CACHE_KWARG]
     step_ids = out.logits[:, -1:].argmax(-1)
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     torch._dynamo.reset()
     start = time.perf_counter()
-    explanation = torch._dynamo.explain(model)(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache)
+    explanation = torch._dynamo.explain(model)(input_ids=step_ids, attention_mask=step_mask, **{CACHE_KWARG: cache})
     elapsed = time.perf_counter() - start
     torch._dynamo.reset()
     results["compile_decode_step"] = {
