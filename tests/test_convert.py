@@ -208,20 +208,19 @@ def test_cli_convert_and_atomic_output(converted_fixture, tmp_path, capsys):
 
 def test_from_pretrained_converts_original_layout_and_caches(converted_fixture, tmp_path, monkeypatch):
     monkeypatch.setenv("AF2_CACHE", str(tmp_path / "cache"))
-    source = converted_fixture.fixture_dir / "original"
-    model = transformers_af2.AudioFlamingo2ForConditionalGeneration.from_pretrained(
-        source, original_config=converted_fixture.yaml_path
-    )
-    cached = list((tmp_path / "cache").iterdir())
+    source = tmp_path / "original"
+    shutil.copytree(converted_fixture.fixture_dir / "original", source)
+    (source / "configs").mkdir()
+    shutil.copy(converted_fixture.yaml_path, source / "configs" / "inference.yaml")
+    model = transformers_af2.AudioFlamingo2ForConditionalGeneration.from_pretrained(source)
+    cached = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert len(cached) == 1 and (cached[0] / "config.json").is_file()
     reference = AutoModel.from_pretrained(converted_fixture.repo)
     for (name, ours), (_, theirs) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(ours, theirs), name
     # The second call reuses the cache.
     mtime = (cached[0] / "model.safetensors").stat().st_mtime_ns
-    transformers_af2.AudioFlamingo2ForConditionalGeneration.from_pretrained(
-        source, original_config=converted_fixture.yaml_path
-    )
+    transformers_af2.AudioFlamingo2ForConditionalGeneration.from_pretrained(source)
     assert (cached[0] / "model.safetensors").stat().st_mtime_ns == mtime
 
 

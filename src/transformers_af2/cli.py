@@ -250,28 +250,29 @@ def load_model_and_processor(
 ):
     """
     `(model, processor)` for a converted repository (local or hub) or an original-layout checkpoint (hub id or
-    directory; converted on first use and cached, see `AudioFlamingo2ForConditionalGeneration.from_pretrained`).
-    `original_config` is the original inference YAML, for original-layout directories that lack one.
+    directory; converted on first use and cached, see `transformers_af2.hub_ids`). `original_config` is the original
+    inference YAML, for original-layout directories that lack one.
     `fast_cpu_linears` turns on the CPU inference kernels of `transformers_af2.modeling.cpu_linear` when the model
     runs on CPU (the commands do; a model meant for quantization, PEFT or training must not).
     """
     from transformers import AutoProcessor
 
-    from .convert import converted_cache_path, is_original_layout
+    from .convert import cached_conversion, is_original_layout
     from .modeling import AudioFlamingo2ForConditionalGeneration
 
     looks_local = os.path.isabs(model_id) or model_id.startswith((".", "~")) or os.path.exists(model_id)
     if looks_local and not os.path.isdir(os.path.expanduser(model_id)):
         raise FileNotFoundError(f"model {model_id}: no such directory.")
     model_id = os.path.expanduser(model_id)
-    options = {} if original_config is None else {"original_config": original_config}
-    if options and not is_original_layout(model_id):
-        raise ValueError(
-            f"original_config (--config) is for checkpoints in the original layout; {model_id} is not one."
-        )
-    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(model_id, dtype=dtype, **options)
-    processor_source = converted_cache_path(model_id, **options) if is_original_layout(model_id) else model_id
-    processor = AutoProcessor.from_pretrained(processor_source)
+    if original_config is not None:
+        if not is_original_layout(model_id):
+            raise ValueError(
+                f"original_config (--config) is for checkpoints in the original layout; {model_id} is not one."
+            )
+        model_id = str(cached_conversion(model_id, config=original_config))
+    # An original-layout id is converted (once, cached) by these calls themselves: see transformers_af2.hub_ids.
+    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(model_id)
     if device is not None:
         model.to(device)
     if fast_cpu_linears and model.device.type == "cpu":

@@ -1070,8 +1070,10 @@ def cached_conversion(
     target = converted_cache_path(source, directory, **options)
     if is_af2_conversion(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    # Beside the cache rather than in it, so the cache holds conversions only.
+    locks = target.parent.with_name(target.parent.name + ".locks")
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(locks / f"{target.name}.lock"):
         if not is_af2_conversion(target):
             logger.warning(f"Converting {source} from the original layout into {target} (once).")
             hub_kwargs = {"cache_dir": hub_cache_dir, "token": token, "local_files_only": local_files_only}
