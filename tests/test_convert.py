@@ -267,6 +267,23 @@ def test_output_equal_to_inside_or_containing_the_source_is_refused(original_cop
     assert link.is_symlink()
 
 
+def test_output_holding_the_current_or_home_directory_is_refused(converted_fixture, tmp_path, monkeypatch):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("keep")
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    for output in (".", str(tmp_path), str(tmp_path / "home")):
+        assert (
+            _convert_cli(
+                converted_fixture.fixture_dir / "original", output, converted_fixture.yaml_path, "--overwrite"
+            )
+            == 2
+        )
+    assert (workdir / "notes.txt").read_text() == "keep" and (tmp_path / "home").is_dir()
+
+
 def test_reconversion_replaces_the_earlier_one_and_deletes_no_other_path(converted_fixture, tmp_path):
     source = converted_fixture.fixture_dir / "original"
     output = tmp_path / "out"

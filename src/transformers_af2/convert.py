@@ -865,8 +865,8 @@ def is_af2_conversion(path: str | os.PathLike) -> bool:
 def check_output(output: str | os.PathLike, source_dir: str | os.PathLike | None = None, overwrite: bool = False):
     """
     Raises ConversionError when writing `output` could destroy something that is not an earlier conversion: the
-    source checkpoint (output equal to it, inside it or containing it, symlinks resolved), or an existing path that
-    is not an AF2 conversion (allowed with `overwrite`).
+    source checkpoint (output equal to it, inside it or containing it, symlinks resolved), the current or home
+    directory (or a parent of them), or an existing path that is not an AF2 conversion (allowed with `overwrite`).
     """
     output = Path(output)
     resolved = output.resolve()
@@ -877,6 +877,9 @@ def check_output(output: str | os.PathLike, source_dir: str | os.PathLike | None
             raise ConversionError(
                 f"output {output} {relation} the source checkpoint {source_dir}; choose an output folder elsewhere."
             )
+    for place, what in ((Path.cwd().resolve(), "the current directory"), (Path.home().resolve(), "your home")):
+        if resolved == place or resolved in place.parents:
+            raise ConversionError(f"output {output} is or contains {what}; choose a new folder for the conversion.")
     if (output.exists() or output.is_symlink()) and not overwrite and not is_af2_conversion(output):
         raise ConversionError(
             f"output {output} exists and is not an earlier AF2 conversion (no {CONVERSION_MARKER}); refusing to "
