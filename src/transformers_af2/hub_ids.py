@@ -119,7 +119,7 @@ def _wrap(function):
         else:
             return function(cls, *args, **kwargs)
         hub = {k: kwargs.get(k) for k in ("revision", "cache_dir", "token", "local_files_only")}
-        token = _resolving.set(True)
+        outermost = _resolving.set(True)
         try:
             converted = original_layout_location(model_id, **hub)
             if converted is not None:
@@ -132,9 +132,8 @@ def _wrap(function):
                     raise
             return function(cls, str(converted), *rest, **kwargs)
         finally:
-            _resolving.reset(token)
+            _resolving.reset(outermost)
 
-    from_pretrained.__wrapped_by_transformers_af2__ = True
     return classmethod(from_pretrained)
 
 
