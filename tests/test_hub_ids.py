@@ -279,3 +279,18 @@ def test_local_original_layout_directory_and_uninstall(converted_fixture, tmp_pa
     finally:
         hub_ids.install()
     assert AutoConfig.from_pretrained(source).model_type == "audioflamingo2"
+
+
+def test_af2_convert_takes_any_original_layout_hub_id(converted_fixture, hf_home, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from safetensors.torch import load_file
+
+    from transformers_af2.cli import main as af2_main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    output = tmp_path / "tiny-af2-hf"
+    assert af2_main(["convert", AF2_ID, str(output), "--revision", COMMIT, "--quiet"]) == 0
+    provenance = json.loads((output / "af2_conversion.json").read_text())
+    assert provenance["source"] == AF2_ID and provenance["revision"] == COMMIT
+    ours, reference = load_file(output / "model.safetensors"), load_file(converted_fixture.repo / "model.safetensors")
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in reference)
