@@ -101,6 +101,7 @@ def _run_convert(args) -> int:
             dtype=args.dtype,
             revision=args.revision,
             overwrite=args.overwrite,
+            directory=directory,
         )
         bar.update()
     print(f"wrote {args.output}")
