@@ -145,7 +145,8 @@ def remove_stale_staging(output: str | os.PathLike) -> list[Path]:
     """
     Removes the staging folders beside `output` left by conversions on this host whose process is gone (killed with
     SIGKILL, or the machine lost power). A backup of an earlier conversion whose replacement never landed is put back
-    in place. Returns what was removed.
+    in place. Returns what was removed. A folder whose pid now belongs to an unrelated live process is kept: a
+    leftover is better than deleting a running conversion's work.
     """
     output = Path(output)
     pattern = re.compile(
