@@ -124,13 +124,9 @@ out["tokenizer_length"] = len(AutoTokenizer.from_pretrained(model_id))
 out["feature_extractor"] = type(AutoFeatureExtractor.from_pretrained(model_id)).__name__
 pipe = pipeline("audio-text-to-text", model=model_id, device="cpu")
 out["pipeline"] = pipe(audio=wav, text=prompt, max_new_tokens=max_new, return_tensors=True)[0]["generated_token_ids"].tolist()
+any_to_any = pipeline("any-to-any", model=model_id, device="cpu")
 messages = [{"role": "user", "content": [{"type": "audio", "path": wav}, {"type": "text", "text": prompt}]}]
-try:
-    any_to_any = pipeline("any-to-any", model=model_id, device="cpu")
-except ImportError as error:  # transformers < 5.23 builds pipeline("any-to-any") only with librosa installed
-    out["any_to_any_missing"] = str(error)
-else:
-    out["any_to_any"] = any_to_any(text=messages, max_new_tokens=max_new, return_full_text=False)[0]["generated_text"]
+out["any_to_any"] = any_to_any(text=messages, max_new_tokens=max_new, return_full_text=False)[0]["generated_text"]
 out["answer"] = processor.decode_answers([out["pipeline"]])[0]
 print(json.dumps(out))
 """
@@ -154,10 +150,7 @@ def test_bare_hub_id_in_every_entry_point_two_processes_offline(converted_fixtur
         assert result["model_type"] == "audioflamingo2"
         assert result["generate"] == expected
         assert result["pipeline"] == expected[prompt_length:]
-        if "any_to_any_missing" in result:
-            assert "librosa" in result["any_to_any_missing"] and not _transformers_builds_any_to_any_without_librosa()
-        else:
-            assert result["any_to_any"] == result["answer"]
+        assert result["any_to_any"] == result["answer"]
         assert result["multimodal_lm"] == "AudioFlamingo2ForConditionalGeneration"
         assert result["tokenizer_length"] == fixture.reference["vocab_size"]
         assert result["feature_extractor"] == "AudioFlamingo2FeatureExtractor"
@@ -166,13 +159,6 @@ def test_bare_hub_id_in_every_entry_point_two_processes_offline(converted_fixtur
     cached = [p for p in (hf_home / "transformers_af2").iterdir() if p.is_dir()]
     assert len(cached) == 1 and (cached[0] / "af2_conversion.json").is_file()
     assert json.loads((cached[0] / "af2_conversion.json").read_text())["revision"] == COMMIT
-
-
-def _transformers_builds_any_to_any_without_librosa() -> bool:
-    import transformers
-    from packaging.version import Version
-
-    return Version(transformers.__version__) >= Version("5.23")
 
 
 _COUNT_REQUESTS = """
