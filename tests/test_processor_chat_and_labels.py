@@ -272,3 +272,8 @@ def test_output_labels_drop_an_answer_cut_by_the_prompt_limit(processor):
         eos_token_id=processor.tokenizer.eos_token_id,
         pad_token_id=processor.tokenizer.pad_token_id,
     )
+
+
+def test_sanitize_control_tokens_is_refused_not_ignored(processor, wav):
+    with pytest.raises(ValueError, match="sanitize_control_tokens is not supported by AudioFlamingo2Processor"):
+        processor.apply_chat_template([user("q", wav)], tokenize=True, sanitize_control_tokens=True)
