@@ -111,6 +111,12 @@ def test_start_skips_the_beginning_of_files_and_arrays(extractor, tmp_path):
         extractor.load_audio(str(path), start=5.0)
     with pytest.raises(ValueError, match="start must be a number of seconds >= 0"):
         extractor.load_audio(str(path), start=-1.0)
+    # Per input in a batch, as a training item's `audio_start`.
+    batch = extractor([str(path), str(path)], start=[1.0, 0.0])["input_features"]
+    assert torch.equal(batch[0, :2], extractor([tone(1.2)], sampling_rate=RATE)["input_features"][0])
+    assert torch.equal(batch[1], extractor([str(path)])["input_features"][0])
+    with pytest.raises(ValueError, match="start: got 1 values for 2 audio inputs"):
+        extractor([str(path), str(path)], start=[1.0])
 
 
 # -- settings ----------------------------------------------------------------------------------------------------

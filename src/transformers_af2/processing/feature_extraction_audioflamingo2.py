@@ -410,20 +410,32 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         return audio
 
     # -- batch -------------------------------------------------------------------------------------------------
-    def __call__(self, audio, sampling_rate: int | None = None, return_tensors: str | None = "pt", **kwargs):
+    def __call__(
+        self,
+        audio,
+        sampling_rate: int | None = None,
+        return_tensors: str | None = "pt",
+        start: float | list[float] = 0.0,
+        **kwargs,
+    ):
         """
         Args:
             audio: one input (see `load_audio`) or a list of them.
             sampling_rate: rate of array inputs in Hz.
+            start: seconds to skip at the beginning of every input, or a list with one value per input (the
+                original's `audio_start` of a training item).
         Returns:
             `BatchFeature` with `input_features` (batch, windows, frames, feature_size) and `input_features_mask`.
         """
         items = list(audio) if isinstance(audio, (list, tuple)) else [audio]
         if not items:
             raise ValueError("audio: got an empty list; pass at least one file or array.")
+        starts = list(start) if isinstance(start, (list, tuple)) else [start] * len(items)
+        if len(starts) != len(items):
+            raise ValueError(f"start: got {len(starts)} values for {len(items)} audio inputs; pass one per input.")
         per_sample = [
-            self.split_windows(self.load_audio(item, sampling_rate, name=f"audio[{index}]"))
-            for index, item in enumerate(items)
+            self.split_windows(self.load_audio(item, sampling_rate, name=f"audio[{index}]", start=offset))
+            for index, (item, offset) in enumerate(zip(items, starts))
         ]
         counts = [len(windows) for windows in per_sample]
         all_windows = torch.from_numpy(np.concatenate(per_sample))
