@@ -103,6 +103,12 @@ def build_app(
     from transformers.cli.serving.utils import GenerationState
 
     register_for_serving()
+
+    def openai_error(message: str, status_code: int):
+        """OpenAI's error body, which OpenAI clients show as the error's message."""
+        body = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+        return JSONResponse({"error": body}, status_code=status_code)
+
     aliases = {name for name in (model, served_name) if name}
 
     class AudioFlamingo2ChatCompletionHandler(ChatCompletionHandler):
@@ -113,13 +119,10 @@ def build_app(
                 body["model"] = model
             try:
                 return await super().handle_request(body, request_id)
-            except HTTPException:
-                raise
+            except HTTPException as error:
+                return openai_error(str(error.detail), error.status_code)
             except REQUEST_ERRORS as error:
-                # OpenAI's error body, so that OpenAI clients show the message.
-                message = " ".join(str(error).split()) or type(error).__name__
-                error_body = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
-                return JSONResponse({"error": error_body}, status_code=400)
+                return openai_error(" ".join(str(error).split()) or type(error).__name__, 400)
 
     model_manager = ModelManager(
         device=device,
