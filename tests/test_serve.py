@@ -55,7 +55,9 @@ def server(converted_fixture, tmp_path_factory):
     command = [sys.executable, "-m", "transformers_af2.cli", "serve", "--model", str(converted_fixture.repo)]
     command += ["--port", str(port), "--device", "cpu", "--log-level", "warning"]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
     try:
         wait_until_up(process, f"http://127.0.0.1:{port}/health", SERVER_START_TIMEOUT)
     except Exception:

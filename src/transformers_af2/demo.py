@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from .pipelines import SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS, soundcot_repair_prefix
 
@@ -34,7 +35,9 @@ except ImportError:  # releases before the compat module: the cache argument had
 
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
-    CACHE_KWARG = next(name for name in ("cache", "past_key_values") if name in inspect.signature(Qwen2Model.forward).parameters)
+    CACHE_KWARG = next(
+        name for name in ("cache", "past_key_values") if name in inspect.signature(Qwen2Model.forward).parameters
+    )
 
 DEFAULT_PORT = 7860
 # The original demo's sampling settings (inference_HF_pretrained/inference.py), shared with `af2 generate`.
@@ -156,8 +159,9 @@ class AudioQuestionAnswerer:
         name = os.path.basename(str(path))
         try:
             features = self.feature_extractor([str(path)], return_tensors="pt")
-        except Exception as error:  # the front end names the problem; say which file it was about
-            raise ValueError(f"{name}: cannot read this audio ({_one_line(error)}).") from error
+        except Exception as error:  # the front end names the problem; show the file by its name, not its upload path
+            message = _one_line(error).replace(str(path), name)
+            raise ValueError(message if name in message else f"{name}: {message}") from error
         duration = _file_duration(path)
         with self._model_lock, torch.inference_mode():
             device = self.model.device
@@ -254,7 +258,9 @@ class AudioQuestionAnswerer:
             yield text
         answer = self.processor.decode_answers([final])[0]
         if soundcot_repair:
-            prefix = soundcot_repair_prefix(self.processor.decode_answers([final], skip_special_tokens=False, strip=False)[0])
+            prefix = soundcot_repair_prefix(
+                self.processor.decode_answers([final], skip_special_tokens=False, strip=False)[0]
+            )
             if prefix is not None:
                 # The original tokenises the repaired prompt with max_length=1024, truncation on.
                 repaired = self.processor.tokenizer(
@@ -273,14 +279,13 @@ class AudioQuestionAnswerer:
 
     def answer(self, path, question, **kwargs) -> str:
         """The final answer of `answer_stream`."""
-        answer = ""
-        for answer in self.answer_stream(path, question, **kwargs):
-            pass
+        *_, answer = self.answer_stream(path, question, **kwargs)
         return answer
 
     def _stream(self, clip: EncodedClip, encoded, generate_kwargs, seed) -> Iterator[tuple[str, list[int]]]:
-        """Runs `generate` in a thread over the clip's cached audio; yields (text so far, new token ids so far)."""
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        """Runs `generate` in a thread over the clip's cached audio; yields (text so far, []) after each token, then
+        (text, new token ids up to eos)."""
+        streamer = TokenStreamer(self.processor.tokenizer)
         device = self.model.device
         result: dict = {}
 
@@ -303,14 +308,49 @@ class AudioQuestionAnswerer:
         worker = threading.Thread(target=run, name="af2-demo-generate", daemon=True)
         worker.start()
         text = ""
-        for piece in streamer:
-            text += piece
-            yield text.lstrip(), []
+        for text in streamer:
+            yield text, []
         worker.join()
         if "error" in result:
             raise result["error"]
         new_tokens = result["sequences"][0, encoded["input_ids"].shape[1] :].tolist()
-        yield text.lstrip(), _until_eos(new_tokens, self.model.generation_config.eos_token_id)
+        yield text, _until_eos(new_tokens, self.model.generation_config.eos_token_id)
+
+
+class TokenStreamer(BaseStreamer):
+    """
+    A `generate` streamer to iterate over in another thread: after every new token, the whole answer so far
+    (special tokens skipped, leading whitespace dropped). Unlike `TextIteratorStreamer`, which waits for the end
+    of a word, every token shows; only a token that ends inside a UTF-8 character waits for the rest of it.
+    """
+
+    def __init__(self, tokenizer, timeout: float | None = None):
+        self.tokenizer = tokenizer
+        self.timeout = timeout
+        self.token_ids: list[int] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+        self._shown = ""
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate's first call brings the prompt
+            self._prompt_seen = True
+            return
+        self.token_ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True).lstrip()
+        if text != self._shown and not text.endswith("\ufffd"):
+            self._shown = text
+            self._queue.put(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True).lstrip()
+        if text != self._shown:
+            self._queue.put(text)
+        self._queue.put(None)
+
+    def __iter__(self):
+        while (text := self._queue.get(timeout=self.timeout)) is not None:
+            yield text
 
 
 def _until_eos(tokens: list[int], eos) -> list[int]:
@@ -437,12 +477,18 @@ def describe_clip(clip: EncodedClip) -> str:
     windows = f"{clip.num_windows} window{'s' if clip.num_windows != 1 else ''} of {seconds:g} s"
     lines.append(f"**Clip:** {length}. **AF2 reads** {windows} (0–{clip.num_windows * seconds:g} s).")
     if clip.duration is not None and clip.duration < clip.num_windows * seconds:
-        lines.append(f"The last window ends with {clip.num_windows * seconds - clip.duration:.1f} s of silence (padding).")
+        lines.append(
+            f"The last window ends with {clip.num_windows * seconds - clip.duration:.1f} s of silence (padding)."
+        )
     if clip.dropped_seconds > 0:
         lines.append(
             f"**Not heard:** {clip.max_seconds:g}–{clip.duration:.1f} s ({clip.dropped_seconds:.1f} s): AF2 reads at "
             f"most {clip.max_seconds:g} s."
         )
+    lines.append(
+        "Picture: the waveform with AF2's windows tinted (red: not heard), and the log-mel spectrogram the model "
+        "reads (dimmed: padding)."
+    )
     lines.append(f"Encoded once in {clip.encode_seconds:.2f} s; every question about this clip reuses it.")
     return "\n\n".join(lines)
 
@@ -474,12 +520,12 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str = "Audio Flamingo 2",
         try:
             clip = answerer.encode(audio)
         except (ValueError, OSError, RuntimeError) as error:
-            raise gr.Error(_one_line(error), title="Cannot read this audio") from error
+            raise gr.Error(_one_line(error), title="Cannot read this audio", duration=None) from error
         return render_clip(clip, audio), describe_clip(clip)
 
     def answer(audio, question, decoding, max_new_tokens, top_k, top_p, temperature, seed, soundcot_repair):
         if audio is None:
-            raise gr.Error("No audio yet: upload or record a clip first.", title="No audio")
+            raise gr.Error("No audio yet: upload or record a clip first.", title="No audio", duration=None)
         try:
             yield from answerer.answer_stream(
                 audio,
@@ -493,7 +539,7 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str = "Audio Flamingo 2",
                 temperature=temperature,
             )
         except (ValueError, OSError, RuntimeError) as error:
-            raise gr.Error(_one_line(error), title="Cannot answer") from error
+            raise gr.Error(_one_line(error), title="Cannot answer", duration=None) from error
 
     with gr.Blocks(title=title) as demo:
         gr.Markdown(
@@ -505,7 +551,8 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str = "Audio Flamingo 2",
             with gr.Column(scale=1):
                 audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio", elem_id="audio")
                 view = gr.Image(
-                    label="What AF2 hears: its windows over the waveform and the log-mel spectrogram",
+                    label="What AF2 hears",
+                    show_label=False,
                     interactive=False,
                     elem_id="clip-view",
                     format="png",
@@ -516,17 +563,20 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str = "Audio Flamingo 2",
                     label="Question", placeholder="What is the sound in this audio?", lines=2, elem_id="question"
                 )
                 gr.Examples(examples=[[q] for q in EXAMPLE_QUESTIONS], inputs=[question], label="Example questions")
-                with gr.Accordion("Generation settings", open=False):
+                with gr.Accordion("Generation settings", open=False, elem_id="settings"):
                     decoding = gr.Radio(
                         ["greedy", "sampling"],
                         value="greedy",
                         label="Decoding (greedy: the benchmark setting; sampling: the original demo's)",
+                        elem_id="decoding",
                     )
-                    max_new_tokens = gr.Slider(1, 1024, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="Max new tokens")
+                    max_new_tokens = gr.Slider(
+                        1, 1024, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="Max new tokens", elem_id="max-new-tokens"
+                    )
                     top_k = gr.Slider(1, 200, value=DEFAULT_TOP_K, step=1, label="Top-k (sampling)")
                     top_p = gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.01, label="Top-p (sampling)")
                     temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature (sampling)")
-                    seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
+                    seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed")
                     soundcot = gr.Checkbox(
                         value=soundcot_default,
                         label="SoundCoT repair (AF2-SoundCoT: when the answer reasons without concluding, generate "
@@ -595,7 +645,8 @@ def run_demo(args) -> int:
     model, processor = load_model_and_processor(args.model, device=device, dtype=_resolve_dtype(args.dtype, device))
     answerer = AudioQuestionAnswerer(model, processor, max_cached_clips=args.max_cached_clips)
     soundcot = "soundcot" in str(args.model).lower()
-    demo = build_demo(answerer, title=f"Audio Flamingo 2 — {args.model}", soundcot_default=soundcot)
+    name = os.path.basename(os.path.normpath(args.model)) if os.path.isdir(args.model) else args.model
+    demo = build_demo(answerer, title=f"Audio Flamingo 2 — {name}", soundcot_default=soundcot)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, show_error=True)
     return 0
 

@@ -57,7 +57,9 @@ def _check_serve_dependencies() -> None:
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available():
-        raise ImportError(f"af2 serve needs fastapi, uvicorn, pydantic and openai; install them with: {SERVE_EXTRA_HINT}")
+        raise ImportError(
+            f"af2 serve needs fastapi, uvicorn, pydantic and openai; install them with: {SERVE_EXTRA_HINT}"
+        )
 
 
 def resolve_model_path(model: str, original_config: str | None = None) -> str:
