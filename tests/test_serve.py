@@ -4,6 +4,7 @@
 """
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -48,29 +49,36 @@ def wait_until_up(process, url: str, timeout: float) -> None:
     raise TimeoutError(f"no answer from {url} within {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def server(converted_fixture, tmp_path_factory):
+@contextlib.contextmanager
+def running_server(repo, log_path, *extra_args):
+    """`af2 serve` for `repo` in its own process on a free port of 127.0.0.1; yields (base URL, process)."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    command = [sys.executable, "-m", "transformers_af2.cli", "serve", "--model", str(converted_fixture.repo)]
-    command += ["--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    command = [sys.executable, "-m", "transformers_af2.cli", "serve", "--model", str(repo), "--port", str(port)]
+    command += ["--device", "cpu", "--log-level", "warning", *extra_args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
         )
     try:
-        wait_until_up(process, f"http://127.0.0.1:{port}/health", SERVER_START_TIMEOUT)
-    except Exception:
-        process.kill()
-        process.wait()
-        raise AssertionError(f"af2 serve did not start:\n{log_path.read_text()[-4000:]}") from None
-    yield converted_fixture, f"http://127.0.0.1:{port}/v1", process
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        try:
+            wait_until_up(process, f"http://127.0.0.1:{port}/health", SERVER_START_TIMEOUT)
+        except Exception:
+            raise AssertionError(f"af2 serve did not start:\n{log_path.read_text()[-4000:]}") from None
+        yield f"http://127.0.0.1:{port}/v1", process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(converted_fixture, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    with running_server(converted_fixture.repo, log_path) as (url, process):
+        yield converted_fixture, url, process
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +202,35 @@ def test_the_model_name_given_to_serve_is_accepted_and_others_are_refused(server
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="some-other-model", messages=messages, max_tokens=2)
     assert "pinned" in caught.value.message
+
+
+def test_bnb_8bit_quantization(converted_fixture, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes (the [train] extra) is not installed")
+    from transformers import AutoModelForMultimodalLM, AutoProcessor, BitsAndBytesConfig, pipeline
+
+    # The same quantized model in process: every linear layer of AF2 becomes an 8-bit bitsandbytes layer.
+    model = AutoModelForMultimodalLM.from_pretrained(
+        converted_fixture.repo, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
+    )
+    # transformers keeps the output layer (lm_head) unquantized, as for every model.
+    unquantized = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and type(m).__name__ != "Linear8bitLt"
+    ]
+    assert unquantized == ["lm_head"]
+    pipe = pipeline("audio-text-to-text", model=model, processor=AutoProcessor.from_pretrained(converted_fixture.repo))
+    torch.manual_seed(SEED)
+    expected = pipe(audio=str(converted_fixture.wav(0)), text=QUESTION, max_new_tokens=MAX_TOKENS, **SAMPLING)[0][
+        "generated_text"
+    ]
+
+    with running_server(converted_fixture.repo, tmp_path / "server.log", "--quantization", "bnb-8bit") as (url, _):
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        messages = audio_message(converted_fixture.wav(0).read_bytes())
+        answer = client.chat.completions.create(
+            model=str(converted_fixture.repo), messages=messages, extra_body=sampled_body()
+        )
+        assert answer.choices[0].message.content == expected
+        chunks = client.chat.completions.create(
+            model=str(converted_fixture.repo), messages=messages, stream=True, extra_body=sampled_body()
+        )
+        assert_streamed_answer("".join(c.choices[0].delta.content or "" for c in chunks if c.choices), expected)

@@ -26,23 +26,11 @@ import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P
+from .compat import CACHE_KWARG
 from .pipelines import SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS, soundcot_repair_prefix
 
-try:
-    from .compat import CACHE_KWARG
-except ImportError:  # releases before the compat module: the cache argument had one name
-    import inspect
-
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
-
-    CACHE_KWARG = next(
-        name for name in ("cache", "past_key_values") if name in inspect.signature(Qwen2Model.forward).parameters
-    )
-
 DEFAULT_PORT = 7860
-# The original demo's sampling settings (inference_HF_pretrained/inference.py), shared with `af2 generate`.
-DEFAULT_TOP_K = 30
-DEFAULT_TOP_P = 0.95
 DEFAULT_MAX_NEW_TOKENS = 256
 EXAMPLE_QUESTIONS = [
     "What is the sound in this audio?",
