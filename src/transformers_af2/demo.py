@@ -630,7 +630,9 @@ def run_demo(args) -> int:
     _import_gradio()  # fail before loading a model when the extra is missing
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     device = _resolve_device(args.device)
-    model, processor = load_model_and_processor(args.model, device=device, dtype=_resolve_dtype(args.dtype, device))
+    model, processor = load_model_and_processor(
+        args.model, device=device, dtype=_resolve_dtype(args.dtype, device), fast_cpu_linears=True
+    )
     answerer = AudioQuestionAnswerer(model, processor, max_cached_clips=args.max_cached_clips)
     soundcot = "soundcot" in str(args.model).lower()
     name = os.path.basename(os.path.normpath(args.model)) if os.path.isdir(args.model) else args.model
