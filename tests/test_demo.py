@@ -244,7 +244,10 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    arguments = ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"]
+    # A fake microphone (a beep every second) that needs no permission prompt.
+    arguments += ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+    for argument in arguments:
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
@@ -260,7 +263,7 @@ def test_the_page_in_a_browser(demo_server, converted_fixture, reference, browse
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, process = demo_server
-    _, answers = reference
+    pipe, answers = reference
     screenshot = Path(os.environ.get("AF2_DEMO_SCREENSHOT", tmp_path / "demo.png"))
     driver = browser
 
@@ -302,7 +305,8 @@ def test_the_page_in_a_browser(demo_server, converted_fixture, reference, browse
     upload(converted_fixture.wav(0))
     wait(lambda d: "AF2 reads" in css("#clip-info").text, what="the clip's description")
     wait(lambda d: css("#clip-view img").get_attribute("src"), what="the clip's picture")
-    css("#question textarea").send_keys(QUESTION)
+    driver.find_element(By.XPATH, f"//button[normalize-space()='{QUESTION}']").click()  # an example question
+    wait(lambda d: css("#question textarea").get_property("value") == QUESTION, what="the example in the question box")
     css("#settings button").click()
     wait(EC.element_to_be_clickable((By.CSS_SELECTOR, "#decoding input[value='sampling']")), what="settings").click()
     set_number("#max-new-tokens input[type=number]", MAX_NEW_TOKENS)
@@ -324,3 +328,16 @@ def test_the_page_in_a_browser(demo_server, converted_fixture, reference, browse
     wait(lambda d: "AF2 reads" in css("#clip-info").text, what="the new clip's description")
     css("#ask").click()
     wait_for_answer(answers[1])
+
+    # Record from the (fake) microphone: the recording becomes the clip, and the answer is the pipeline's for it.
+    css("#audio button[aria-label='Clear']").click()
+    wait(EC.element_to_be_clickable((By.CSS_SELECTOR, "#audio button[aria-label='Record audio']")), what="mic").click()
+    wait(EC.element_to_be_clickable((By.CSS_SELECTOR, "#audio .record-button")), what="record button").click()
+    time.sleep(2)
+    wait(EC.element_to_be_clickable((By.CSS_SELECTOR, "#audio .stop-button")), what="stop button").click()
+    wait(lambda d: "AF2 reads 1 window" in css("#clip-info").text, what="the recording's description")
+    recording = tmp_path / "recording.wav"
+    with urllib.request.urlopen(css("#audio a[download]").get_attribute("href"), timeout=30) as response:
+        recording.write_bytes(response.read())
+    css("#ask").click()
+    wait_for_answer(pipeline_answer(pipe, recording))

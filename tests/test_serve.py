@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +235,17 @@ def test_bnb_8bit_quantization(converted_fixture, tmp_path):
             model=str(converted_fixture.repo), messages=messages, stream=True, extra_body=sampled_body()
         )
         assert_streamed_answer("".join(c.choices[0].delta.content or "" for c in chunks if c.choices), expected)
+
+
+def test_original_layout_checkpoints_are_served_from_their_converted_copy(converted_fixture, monkeypatch, tmp_path):
+    from transformers_af2.serving import resolve_model_path
+
+    monkeypatch.setenv("AF2_CACHE", str(tmp_path / "cache"))
+    original = converted_fixture.fixture_dir / "original"
+    served = Path(resolve_model_path(str(original), str(converted_fixture.yaml_path)))
+    assert tmp_path / "cache" in served.parents
+    assert json.loads((served / "config.json").read_text())["model_type"] == "audioflamingo2"
+    assert resolve_model_path(str(original), str(converted_fixture.yaml_path)) == str(served)  # cached
+    assert resolve_model_path(str(converted_fixture.repo)) == str(converted_fixture.repo)
+    with pytest.raises(ValueError, match="--config is for checkpoints in the original layout"):
+        resolve_model_path(str(converted_fixture.repo), str(converted_fixture.yaml_path))
