@@ -341,3 +341,45 @@ def test_the_page_in_a_browser(demo_server, converted_fixture, reference, browse
         recording.write_bytes(response.read())
     css("#ask").click()
     wait_for_answer(pipeline_answer(pipe, recording))
+
+
+def test_soundcot_repair_equals_the_pipelines(loaded, reference, answerer):
+    """
+    An answer that opens a reasoning section and never concludes is repaired as the pipeline repairs it. The tiny
+    model never writes tags by itself, so the first pass is made to write "<REASONING>a bell. it" followed by
+    what the model wants (`prefix_allowed_tokens_fn`, a standard `generate` argument); the repair pass, whose
+    prompt ends with the tags the repair adds, is left free.
+    """
+    fixture, _, processor = loaded
+    pipe, _ = reference
+    tokenizer = processor.tokenizer
+    forced = tokenizer("<REASONING>a bell. it", add_special_tokens=False)["input_ids"]
+    max_new_tokens = len(forced) + 8  # the forced start and some free tokens, none of them a conclusion
+    sep_id = tokenizer.convert_tokens_to_ids("<SEP>")
+    vocabulary = list(range(len(tokenizer)))
+
+    def first_pass_starts_reasoning(batch_id, input_ids):
+        ids = input_ids.tolist()
+        after_sep = ids[len(ids) - ids[::-1].index(sep_id) :]
+        if "CONCLUSION" in tokenizer.decode(after_sep) or len(after_sep) >= len(forced):
+            return vocabulary
+        return [forced[len(after_sep)]]
+
+    options = dict(max_new_tokens=max_new_tokens, prefix_allowed_tokens_fn=first_pass_starts_reasoning)
+    expected = pipe(audio=str(fixture.wav(0)), text=QUESTION, soundcot_repair=True, do_sample=False, **options)[0]
+    assert expected["soundcot_repaired"]
+    assert expected["generated_text"].startswith("<reasoning>a bell</REASONING>\n<CONCLUSION>")
+
+    steps = list(
+        answerer.answer_stream(
+            fixture.wav(0),
+            QUESTION,
+            soundcot_repair=True,
+            max_new_tokens=max_new_tokens,
+            extra_generate_kwargs={"prefix_allowed_tokens_fn": first_pass_starts_reasoning},
+        )
+    )
+    assert steps[-1] == expected["generated_text"]
+    # The page shows the first pass, then the repaired answer growing from the cut reasoning.
+    assert any(step.startswith("<REASONING>a bell. it") for step in steps)
+    assert "<reasoning>a bell</REASONING>\n<CONCLUSION>" in steps

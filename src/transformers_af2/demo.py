@@ -227,16 +227,19 @@ class AudioQuestionAnswerer:
         question: str,
         soundcot_repair: bool = False,
         seed: int | None = None,
+        extra_generate_kwargs: dict | None = None,
         **settings,
     ) -> Iterator[str]:
         """
         Yields the answer to `question` about the clip at `path` as it is generated (the text so far), ending with
-        the final answer. `settings` are those of `generate_kwargs`. With `soundcot_repair`, an answer that reasons
-        without concluding is repaired as the original SoundCoT script does (see `soundcot_repair_prefix`).
+        the final answer. `settings` are those of `generate_kwargs`; `extra_generate_kwargs` go to `generate` as
+        they are (`logits_processor`, `prefix_allowed_tokens_fn`, ...). `seed` seeds sampling once, before the
+        first pass, as `torch.manual_seed` before a pipeline call does. With `soundcot_repair`, an answer that
+        reasons without concluding is repaired as the original SoundCoT script does (see `soundcot_repair_prefix`).
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question is empty; type a question about the clip.")
-        generate_kwargs = self.generate_kwargs(**settings)
+        generate_kwargs = {**self.generate_kwargs(**settings), **(extra_generate_kwargs or {})}
         clip = self.encode(path)
         prompt = self.processor.build_prompt(question)
         encoded = self.processor(text=[question], return_tensors="pt")
@@ -259,7 +262,7 @@ class AudioQuestionAnswerer:
                 )
                 shown = prefix.lstrip()
                 yield shown
-                for text, tokens in self._stream(clip, repaired, generate_kwargs, seed):
+                for text, tokens in self._stream(clip, repaired, generate_kwargs, seed=None):
                     final = tokens
                     yield shown + text
                 answer = (prefix + self.processor.decode_answers([final], strip=False)[0]).strip()
