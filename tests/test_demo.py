@@ -383,3 +383,15 @@ def test_soundcot_repair_equals_the_pipelines(loaded, reference, answerer):
     # The page shows the first pass, then the repaired answer growing from the cut reasoning.
     assert any(step.startswith("<REASONING>a bell. it") for step in steps)
     assert "<reasoning>a bell</REASONING>\n<CONCLUSION>" in steps
+
+
+def test_without_gradio_af2_demo_says_what_to_install(converted_fixture):
+    # sys.modules["gradio"] = None makes `import gradio` fail, as in an installation without the [demo] extra.
+    code = (
+        "import sys; sys.modules['gradio'] = None; from transformers_af2.cli import main; "
+        f"sys.exit(main(['demo', '--model', {str(converted_fixture.repo)!r}, '--device', 'cpu']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "af2 demo: error: af2 demo needs Gradio" in result.stderr
+    assert "pip install 'transformers-af2[demo]'" in result.stderr

@@ -609,6 +609,11 @@ def add_demo_parser(subparsers, formatter_class=argparse.HelpFormatter, default_
     parser.add_argument(
         "--model", default=default_model, help="converted repository, or original-layout hub id or directory"
     )
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="for an original-layout directory without configs/inference.yaml: the original inference YAML",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     parser.add_argument("--share", action="store_true", help="also publish the page through a gradio.live link")
@@ -630,11 +635,18 @@ def add_demo_parser(subparsers, formatter_class=argparse.HelpFormatter, default_
 def run_demo(args) -> int:
     from .cli import _resolve_device, _resolve_dtype, load_model_and_processor
 
-    _import_gradio()  # fail before loading a model when the extra is missing
+    try:
+        _import_gradio()  # fail before loading a model when the extra is missing
+    except ImportError as error:
+        raise RuntimeError(str(error)) from error  # the command line's one-line error
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     device = _resolve_device(args.device)
     model, processor = load_model_and_processor(
-        args.model, device=device, dtype=_resolve_dtype(args.dtype, device), fast_cpu_linears=True
+        args.model,
+        device=device,
+        dtype=_resolve_dtype(args.dtype, device),
+        original_config=args.config,
+        fast_cpu_linears=True,
     )
     answerer = AudioQuestionAnswerer(model, processor, max_cached_clips=args.max_cached_clips)
     soundcot = "soundcot" in str(args.model).lower()

@@ -196,7 +196,10 @@ def add_serve_parser(subparsers, formatter_class=argparse.HelpFormatter, default
 
 
 def run_serve(args) -> int:
-    _check_serve_dependencies()
+    try:
+        _check_serve_dependencies()
+    except ImportError as error:
+        raise RuntimeError(str(error)) from error  # the command line's one-line error
     import uvicorn
 
     path = resolve_model_path(args.model, args.config)
