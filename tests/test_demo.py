@@ -234,6 +234,11 @@ def test_the_demo_api_through_gradio_client(demo_server, converted_fixture, refe
     other = gradio_client.handle_file(str(converted_fixture.wav(1)))
     assert client.predict(**answer_arguments(other), api_name="/answer") == answers[1]
 
+    # Several visitors at once: the queue runs them one by one on the shared model, each gets its own answer.
+    clips = [wav, other, wav, other]
+    jobs = [gradio_client.Client(url, verbose=False).submit(**answer_arguments(c), api_name="/answer") for c in clips]
+    assert [job.result(timeout=ANSWER_TIMEOUT) for job in jobs] == [answers[0], answers[1], answers[0], answers[1]]
+
 
 @pytest.fixture
 def browser():
