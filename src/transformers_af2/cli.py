@@ -419,6 +419,18 @@ def _add_train(subparsers) -> None:
     module.add_train_parser(subparsers)
 
 
+def _add_demo(subparsers) -> None:
+    from .demo import add_demo_parser
+
+    add_demo_parser(subparsers, formatter_class=_HelpFormatter, default_model=DEFAULT_MODEL)
+
+
+def _add_serve(subparsers) -> None:
+    from .serving import add_serve_parser
+
+    add_serve_parser(subparsers, formatter_class=_HelpFormatter, default_model=DEFAULT_MODEL)
+
+
 def _fail(message: str) -> int:
     raise RuntimeError(message)
 
@@ -453,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_convert(subparsers)
     _add_train(subparsers)
+    _add_demo(subparsers)
+    _add_serve(subparsers)
     return parser
 
 
