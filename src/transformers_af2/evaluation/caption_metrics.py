@@ -71,25 +71,39 @@ def _bundled_corenlp_jar() -> Path | None:
     return jar if jar.is_file() else None
 
 
+_CLITICS = ("n't", "'s", "'re", "'ve", "'ll", "'d", "'m")
+_OPENERS = "\"'`([{"
+_CLOSERS = "\"'`)]},;:!?"
+_ABBREVIATION = re.compile(r"^(?:[a-z]\.)+$")  # p.m., u.s.: PTB keeps their final period
+
+
 def python_ptb_tokenize(sentence: str) -> list[str]:
     """
     PTBTokenizer's `-lowerCase` output for plain English captions, without the punctuation tokens aac-metrics drops:
-    punctuation split off words, clitics ('s, n't, 're, ...) split, hyphenated words kept whole.
+    quotes, brackets and sentence punctuation split off words, clitics ('s, n't, 're, ...) split, hyphenated words,
+    times (3:00) and abbreviations (p.m.) kept whole.
     """
-    text = sentence.lower().replace("\n", " ")
-    text = re.sub(r"([a-z0-9])(n't)\b", r"\1 \2", text)
-    text = re.sub(r"([a-z0-9])('s|'re|'ve|'ll|'d|'m)\b", r"\1 \2", text)
-    text = re.sub(r"(\.\.\.|--|[!?,;:\"()\[\]{}])", r" \1 ", text)
-    text = re.sub(r"\.(\s|$)", r" . ", text)
-    tokens = []
-    for token in text.split():
-        if token.startswith("'") and token not in ("'s", "'re", "'ve", "'ll", "'d", "'m", "n't"):
-            token = token[1:]
-        if token.endswith("'") and len(token) > 1:
-            token = token[:-1]
-        if token and token not in _PTB_PUNCTUATION and token not in ('"', "(", ")", "[", "]", "{", "}"):
-            tokens.append(token)
-    return tokens
+    tokens: list[str] = []
+    for word in sentence.lower().split():
+        while word and word[0] in _OPENERS:
+            word = word[1:]
+        trailing: list[str] = []
+        while word:
+            if word.endswith("..."):
+                word, piece = word[:-3], "..."
+            elif word[-1] in _CLOSERS:
+                word, piece = word[:-1], word[-1]
+            elif word.endswith(".") and not _ABBREVIATION.match(word):
+                word, piece = word[:-1], "."
+            else:
+                break
+            trailing.append(piece)
+        clitic = next((c for c in _CLITICS if word.endswith(c) and len(word) > len(c)), None)
+        if clitic is not None:
+            tokens += [word[: -len(clitic)], clitic]
+        elif word:
+            tokens.append(word)
+    return [t for t in tokens if t not in _PTB_PUNCTUATION and t.strip(_OPENERS + _CLOSERS + ".-")]
 
 
 def _corenlp_jar() -> Path | None:

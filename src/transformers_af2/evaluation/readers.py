@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -169,6 +168,7 @@ def read_labels(
     filename_field: tuple[str, int] | None = None,
     csv_columns: tuple[str, str] | None = None,
     path_template: str | None = None,
+    default_audio_root: str | None = None,
 ) -> list[dict]:
     """
     A single-label classification set. `label_from`:
@@ -177,48 +177,48 @@ def read_labels(
     - "filename": `data` is a directory of files whose name, split by `filename_field[0]`, has the label code at
       `filename_field[1]` (CREMA-D's AudioWAV/, `1001_DFA_ANG_XX.wav`);
     - "csv": `data` is a CSV with `csv_columns = (path column, label column)`; `path_template` formats the audio path
-      from the row (US8K's `fold{fold}/{slice_file_name}` under `audio/`).
+      from the row (US8K's `fold{fold}/{slice_file_name}` under `audio/`); without `--audio-root` the files are
+      looked up under `default_audio_root` relative to the CSV's folder (US8K: `../audio`).
     `label_map` turns raw codes into the label names the prompt and scorer use.
     """
     label_map = label_map or {}
-    pairs: list[tuple[Path, str, str]] = []  # (audio, raw label, where)
+    pairs: list[tuple[str, Path, str, str]] = []  # (id, audio, raw label, where)
     if label_from == "folder":
         if data.is_dir():
-            pairs = [(p, p.parent.name, str(p)) for p in _audio_files_under(data)]
+            pairs = [(str(p.relative_to(data)), p, p.parent.name, str(p)) for p in _audio_files_under(data)]
         else:
             root = audio_root or _data_file(data, (".txt",)).parent
             for number, line in enumerate(data.read_text(encoding="utf-8").splitlines(), 1):
                 if line.strip():
                     relative = Path(line.strip())
-                    pairs.append((root / relative, relative.parent.name, f"{data} line {number}"))
+                    pairs.append((str(relative), root / relative, relative.parent.name, f"{data} line {number}"))
     elif label_from == "filename":
         _require(data.is_dir(), data, "expected the folder of audio files.")
         separator, field = filename_field
         for p in _audio_files_under(data):
             parts = p.stem.split(separator)
             _require(len(parts) > field, p, f"file name has no field {field} when split by {separator!r}.")
-            pairs.append((p, parts[field], str(p)))
+            pairs.append((str(p.relative_to(data)), p, parts[field], str(p)))
     elif label_from == "csv":
         path = _data_file(data, (".csv",))
         path_column, label_column = csv_columns
         rows = _read_csv(path)
         _check_columns(path, rows, (path_column, label_column))
-        root = audio_root or path.parent
+        root = audio_root or (path.parent / default_audio_root if default_audio_root else path.parent)
         for index, row in enumerate(rows):
             relative = path_template.format(**row) if path_template else row[path_column]
-            pairs.append((root / relative, row[label_column], f"{path} row {index + 2}"))
+            pairs.append((relative, root / relative, row[label_column], f"{path} row {index + 2}"))
     else:
         raise ValueError(f"label_from must be 'folder', 'filename' or 'csv', got {label_from!r}.")
     _require(bool(pairs), data, "no audio files found.")
-    items = []
-    for audio, raw, where in pairs:
+    items, seen = [], set()
+    for item_id, audio, raw, where in pairs:
         label = label_map.get(raw, raw)
         _require(label in label_set, where, f"label {raw!r} is not one of {list(label_set)}.")
         _require(audio.is_file(), where, f"audio file {audio} does not exist (set --audio-root).")
-        items.append(
-            {"id": os.path.relpath(audio, data if data.is_dir() else audio_root or data.parent), "audio": str(audio)}
-            | {"labels": [label], "label_set": list(label_set)}
-        )
+        _require(item_id not in seen, where, f"{item_id} is listed twice.")
+        seen.add(item_id)
+        items.append({"id": item_id, "audio": str(audio), "labels": [label], "label_set": list(label_set)})
     return items
 
 

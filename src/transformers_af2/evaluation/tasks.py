@@ -139,13 +139,14 @@ TASKS: dict[str, EvalTask] = {
             prompt="classify this sound.",
             description="UrbanSound8K sound classification; accuracy, macro F1",
             download="https://urbansounddataset.weebly.com/urbansound8k.html (metadata/UrbanSound8K.csv, audio/)",
-            data_hint="metadata/UrbanSound8K.csv; --audio-root: audio/ (holding fold1 ... fold10)",
+            data_hint="metadata/UrbanSound8K.csv; --audio-root: audio/ with fold1 ... fold10 (default: ../audio from the CSV)",
             reader_options=dict(
                 label_set=tuple(_US8K.values()),
                 label_from="csv",
                 label_map=_US8K,
                 csv_columns=("slice_file_name", "class"),
                 path_template="fold{fold}/{slice_file_name}",
+                default_audio_root="../audio",
             ),
         ),
         EvalTask(
