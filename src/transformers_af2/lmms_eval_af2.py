@@ -57,6 +57,7 @@ class AudioFlamingo2LmmsEval(lmms):
         dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16".
         batch_size: requests per `generate` call.
         max_new_tokens: default when the task sets none (256, as the original evaluation).
+        max_batch_size: lmms-eval's `--max_batch_size`, accepted and unused (batches are `batch_size`).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class AudioFlamingo2LmmsEval(lmms):
         dtype: str = "auto",
         batch_size: int | str = 1,
         max_new_tokens: int | str = GENERATION_SETTINGS["max_new_tokens"],
+        max_batch_size: int | str | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
