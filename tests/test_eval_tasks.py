@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from transformers_af2.evaluation import GENERATION_SETTINGS, TASKS, BatchedAnswerGenerator, run_evaluation, score_items
+from transformers_af2.evaluation import (
+    GENERATION_SETTINGS,
+    TASKS,
+    BatchedAnswerGenerator,
+    CaptionEngine,
+    caption_engine_available,
+    run_evaluation,
+    score_items,
+)
 from transformers_af2.evaluation.runner import PREDICTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -267,7 +275,7 @@ def test_cli_resumes_after_kill_9(converted_fixture, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "transformers_af2.cli", "eval", "--task", "mmau", "--data", str(data)]
     command += ["--model", str(converted_fixture.repo), "--output", str(out), "--batch-size", "1"]
-    command += ["--max-new-tokens", "4", "--device", "cpu"]
+    command += ["--max-new-tokens", "4", "--device", "cpu", "--engine", "loop"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     predictions = out / PREDICTIONS
@@ -286,3 +294,24 @@ def test_cli_resumes_after_kill_9(converted_fixture, tmp_path):
     assert [row["id"] for row in rows] == ids
     assert [json.dumps(row) for row in rows[: len(kept)]] == [json.dumps(json.loads(line)) for line in kept]
     assert "| accuracy |" in finished.stdout
+
+
+@pytest.mark.skipif(not caption_engine_available(), reason="af2 caption's engine (transformers_af2.caption) is absent")
+def test_caption_engine_gives_the_loop_engines_predictions(generator, loaded, tmp_path):
+    """af2 caption's engine (read-ahead, length-grouped, data-parallel) answers exactly as the plain loop does."""
+    _, model, processor = loaded
+    data, audio_root, ids = build_clotho_aqa(tmp_path / "data")
+    loop = run_evaluation("clotho_aqa", data, tmp_path / "loop", generator, audio_root=audio_root, batch_size=1)
+    engine = CaptionEngine(model, processor, SETTINGS, num_workers=0)
+    engine_results = run_evaluation(
+        "clotho_aqa", data, tmp_path / "engine", engine, audio_root=audio_root, batch_size=1
+    )
+    read = lambda folder: [json.loads(line) for line in (tmp_path / folder / PREDICTIONS).read_text().splitlines()]  # noqa: E731
+    assert [row["id"] for row in read("engine")] == ids
+    assert read("engine") == read("loop")
+    assert engine_results["metrics"] == loop["metrics"]
+    # A second run resumes from the engine's store: nothing is generated again, the same rows come out.
+    again = run_evaluation("clotho_aqa", data, tmp_path / "engine", engine, audio_root=audio_root, batch_size=1)
+    assert again["metrics"] == loop["metrics"] and read("engine") == read("loop")
+    with pytest.raises(ValueError, match="engine: was 'CaptionEngine', now 'LoopEngine'"):
+        run_evaluation("clotho_aqa", data, tmp_path / "engine", generator, audio_root=audio_root)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .tasks import GENERATION_SETTINGS, TASKS
 
@@ -54,21 +56,42 @@ def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpForma
         help="most tokens per answer (the original evaluation: 256)",
     )
     parser.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate the first N items only")
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "loop", "caption"),
+        help="caption: af2 caption's engine (audio read ahead in worker processes, batches grouped by length, "
+        "data-parallel under torchrun); loop: a plain batched loop in this process; auto: caption when installed",
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=2, metavar="N", help="caption engine: processes reading audio (0: none)"
+    )
     parser.add_argument("--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto": GPU when present')
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help='"auto": bfloat16 on GPU, float32 on CPU')
     parser.set_defaults(handler=run_eval_command)
 
 
 def run_eval_command(args) -> int:
+    import torch
+
     from ..cli import _resolve_device, _resolve_dtype, load_model_and_processor
+    from .engines import CaptionEngine, LoopEngine, caption_engine_available
     from .generation import BatchedAnswerGenerator
     from .runner import run_evaluation
 
+    if args.engine == "caption" and not caption_engine_available():
+        raise ValueError("--engine caption: af2 caption's engine is not installed here; use --engine loop.")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be 0 or more, got {args.num_workers}.")
     device = _resolve_device(args.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per data-parallel process
     model, processor = load_model_and_processor(args.model, device=device, dtype=_resolve_dtype(args.dtype, device))
-    generator = BatchedAnswerGenerator(
-        model, processor, {**GENERATION_SETTINGS, "max_new_tokens": args.max_new_tokens}
-    )
+    settings = {**GENERATION_SETTINGS, "max_new_tokens": args.max_new_tokens}
+    if args.engine == "loop" or (args.engine == "auto" and not caption_engine_available()):
+        engine = LoopEngine(BatchedAnswerGenerator(model, processor, settings))
+    else:
+        engine = CaptionEngine(model, processor, settings, num_workers=args.num_workers)
 
     def progress(done: int, total: int) -> None:
         print(f"af2 eval: {done}/{total} answered", file=sys.stderr, flush=True)
@@ -77,7 +100,7 @@ def run_eval_command(args) -> int:
         args.task,
         args.data,
         args.output,
-        generator,
+        engine,
         audio_root=args.audio_root,
         model_name=args.model,
         prompt_template=args.prompt,
@@ -85,7 +108,9 @@ def run_eval_command(args) -> int:
         limit=args.limit,
         progress=progress,
     )
+    if results is None:  # a data-parallel helper process: the main one scores and prints
+        return 0
     for name, reason in results["skipped"].items():
         print(f"af2 eval: {name} skipped: {reason}", file=sys.stderr)
-    print((__import__("pathlib").Path(args.output) / "results.md").read_text(encoding="utf-8"), end="")
+    print((Path(args.output) / "results.md").read_text(encoding="utf-8"), end="")
     return 0
