@@ -6,6 +6,7 @@ answered by the converted parity fixture, scored; resuming after an interrupted 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -315,3 +316,28 @@ def test_caption_engine_gives_the_loop_engines_predictions(generator, loaded, tm
     assert again["metrics"] == loop["metrics"] and read("engine") == read("loop")
     with pytest.raises(ValueError, match="engine: was 'CaptionEngine', now 'LoopEngine'"):
         run_evaluation("clotho_aqa", data, tmp_path / "engine", generator, audio_root=audio_root)
+
+
+@pytest.mark.skipif(not caption_engine_available(), reason="af2 caption's engine (transformers_af2.caption) is absent")
+def test_data_parallel_eval_under_torchrun(generator, converted_fixture, tmp_path):
+    """Two torchrun processes share the items through the caption engine; the first scores; same answers as one."""
+    data, audio_root, ids = build_clotho_aqa(tmp_path / "data")
+    single = run_evaluation("clotho_aqa", data, tmp_path / "single", generator, audio_root=audio_root, batch_size=1)
+    with socket.socket() as probe:  # a free port on the loopback interface for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    command += ["-m", "transformers_af2.cli", "eval", "--task", "clotho_aqa", "--data", str(data)]
+    command += ["--audio-root", str(audio_root or data.parent / "audio_files"), "--model", str(converted_fixture.repo)]
+    command += ["--output", str(tmp_path / "dp"), "--engine", "caption", "--num-workers", "0", "--batch-size", "1"]
+    command += ["--max-new-tokens", str(SETTINGS["max_new_tokens"]), "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "dp" / PREDICTIONS).read_text().splitlines()]
+    assert [row["id"] for row in rows] == ids
+    single_rows = [json.loads(line) for line in (tmp_path / "single" / PREDICTIONS).read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in single_rows]
+    assert json.loads((tmp_path / "dp" / "results.json").read_text())["metrics"] == single["metrics"]
+    assert finished.stdout.count("| accuracy_") >= 1  # printed once, by the first process
