@@ -108,7 +108,7 @@ def test_multi_label_f1_and_map():
         dict(labels=["dog", "rain"], label_set=label_set, prediction="dog, rain"),
         dict(labels=["speech"], label_set=label_set, prediction="speech and dog"),
     ]
-    metrics, _ = score_items("classification", rows)
+    metrics, _ = score_items("multi_label", rows)
     # tp 3 (dog, rain, speech), fp 1 (dog in row 2), fn 0 -> micro F1 = 6/7.
     assert metrics["micro_f1"] == pytest.approx(600 / 7)
     # AP dog: both rows score 1, one positive -> precision 1/2 at recall 1 -> 0.5; rain 1.0; speech 1.0.
@@ -119,6 +119,12 @@ def test_average_precision_matches_sklearn_definition():
     # scores 0.9 (pos), 0.8 (neg), 0.7 (pos): AP = 1 * 0.5 + (2/3) * 0.5
     assert _average_precision([0.9, 0.8, 0.7], [1, 0, 1]) == pytest.approx(0.5 + 1 / 3)
     assert _average_precision([1.0, 0.0], [0, 0]) is None
+
+
+def test_single_label_scorer_refuses_several_labels():
+    rows = [dict(id="x", labels=["dog", "rain"], label_set=["dog", "rain"], prediction="dog")]
+    with pytest.raises(ValueError, match="item 'x' has 2 labels"):
+        score_items("classification", rows)
 
 
 def test_unknown_scorer():

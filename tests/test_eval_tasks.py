@@ -118,6 +118,20 @@ def build_cremad(root: Path):
     return root / "AudioWAV", None, ["1001_DFA_ANG_XX.wav", "1002_IEO_SAD_HI.wav"]
 
 
+def build_fsd50k(root: Path):
+    tone(root / "FSD50K.eval_audio" / "37199.wav", 400)
+    tone(root / "FSD50K.eval_audio" / "175151.wav", 900)
+    truth = root / "FSD50K.ground_truth"
+    rows = [
+        ["37199", "Bark,Dog,Domestic_animals_and_pets", "/m/05tny_,/m/0bt9lr,/m/068hy"],
+        ["175151", "Rain", "/m/06mb1"],
+    ]
+    data = write_csv(truth / "eval.csv", ["fname", "labels", "mids"], rows)
+    vocabulary = ["Bark", "Dog", "Domestic_animals_and_pets", "Rain", "Speech"]
+    (truth / "vocabulary.csv").write_text("".join(f"{i},{label},/m/x{i}\n" for i, label in enumerate(vocabulary)))
+    return data, None, ["37199", "175151"]
+
+
 BUILDERS = {
     "mmau": build_mmau,
     "clotho_aqa": build_clotho_aqa,
@@ -126,6 +140,7 @@ BUILDERS = {
     "gtzan": build_gtzan,
     "us8k": build_us8k,
     "cremad": build_cremad,
+    "fsd50k": build_fsd50k,
 }
 
 
@@ -158,6 +173,9 @@ def test_reader_fields_and_prompts(tmp_path):
     cremad = TASKS["cremad"].read(*build_cremad(tmp_path / "cremad")[:2])
     assert [item["labels"] for item in cremad] == [["angry"], ["sad"]]
     assert TASKS["cremad"].build_prompt(cremad[0]) == "what is the emotion of this speech?"
+    fsd = TASKS["fsd50k"].read(*build_fsd50k(tmp_path / "fsd")[:2])
+    assert fsd[0]["labels"] == ["Bark", "Dog", "Domestic animals and pets"]
+    assert fsd[1]["label_set"] == ["Bark", "Dog", "Domestic animals and pets", "Rain", "Speech"]
     assert TASKS["clotho_caption"].build_prompt({"id": "x"}, "Describe {id}.") == "Describe x."
     with pytest.raises(ValueError, match=r"uses \{choices\}, which items of task gtzan lack"):
         TASKS["gtzan"].build_prompt({"id": "x"}, "{choices}")
@@ -261,6 +279,7 @@ def test_resume_refuses_other_settings_or_data(generator, loaded, tmp_path):
         ("clotho_caption", lambda d: (d.parent / "evaluation" / "b.wav").unlink(), r"b.wav does not exist"),
         ("us8k", lambda d: d.write_text(d.read_text().replace("dog_bark", "cat_meow")), "'cat_meow' is not one of"),
         ("cremad", lambda d: tone(d / "1003_DFA_XYZ_XX.wav", 100), "'XYZ' is not one of"),
+        ("fsd50k", lambda d: d.write_text("fname,labels\n1,Meow\n"), r"labels \['Meow'\] are not in vocabulary.csv"),
     ],
 )
 def test_bad_inputs_name_the_problem(name, damage, message, tmp_path):

@@ -222,10 +222,43 @@ def read_labels(
     return items
 
 
+def read_fsd50k(data: Path, audio_root: Path | None) -> list[dict]:
+    """
+    FSD50K's FSD50K.ground_truth/eval.csv: fname, labels (comma-separated, underscores for spaces), mids. The label
+    set is vocabulary.csv beside it (index, label, mid; no header) when present, else every label the CSV uses.
+    Audio: `<fname>.wav` in `--audio-root` (default: FSD50K.eval_audio/ beside the ground-truth folder).
+    """
+    path = _data_file(data, (".csv",))
+    rows = _read_csv(path)
+    _check_columns(path, rows, ("fname", "labels"))
+    vocabulary_file = path.parent / "vocabulary.csv"
+    name = lambda raw: raw.strip().replace("_", " ")  # noqa: E731
+    if vocabulary_file.is_file():
+        with open(vocabulary_file, newline="", encoding="utf-8") as handle:
+            label_set = [name(row[1]) for row in csv.reader(handle) if len(row) >= 2]
+    else:
+        label_set = sorted({name(label) for row in rows for label in row["labels"].split(",") if label.strip()})
+    known = set(label_set)
+    root = audio_root or path.parent.parent / "FSD50K.eval_audio"
+    items, seen = [], set()
+    for index, row in enumerate(rows):
+        where = f"{path} row {index + 2}"
+        labels = [name(label) for label in row["labels"].split(",") if label.strip()]
+        _require(bool(labels), where, "no label.")
+        unknown = [label for label in labels if label not in known]
+        _require(not unknown, where, f"labels {unknown} are not in {vocabulary_file.name}.")
+        _require(row["fname"] not in seen, where, f"duplicate fname {row['fname']!r}.")
+        seen.add(row["fname"])
+        audio = _audio_file(root, f"{row['fname']}.wav", where)
+        items.append({"id": row["fname"], "audio": audio, "labels": labels, "label_set": label_set})
+    return items
+
+
 READERS: dict[str, Callable[..., list[dict]]] = {
     "mmau": read_mmau,
     "clotho_aqa": read_clotho_aqa,
     "clotho_captions": read_clotho_captions,
     "audiocaps": read_audiocaps,
     "labels": read_labels,
+    "fsd50k": read_fsd50k,
 }

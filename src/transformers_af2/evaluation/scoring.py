@@ -160,11 +160,14 @@ def match_label(prediction: str, labels: Sequence[str]) -> str | None:
 def score_classification(records: Sequence[dict]) -> tuple[dict, dict]:
     """
     Single-label sets (GTZAN, US8K, CREMA-D, ...): accuracy and macro F1 over the label set, a prediction counting as
-    the label `match_label` finds (none: wrong for every class). Multi-label sets (`labels` holds several true labels,
-    FSD50K style): micro F1 and mAP of the named labels as 0/1 scores.
+    the label `match_label` finds (none: wrong for every class).
     """
-    if any(len(record["labels"]) > 1 for record in records):
-        return _score_multi_label(records)
+    for record in records:
+        if len(record["labels"]) != 1:
+            raise ValueError(
+                f"item {record.get('id')!r} has {len(record['labels'])} labels; single-label classification needs "
+                "one (multi-label sets use the multi_label scorer)."
+            )
     label_set = list(records[0]["label_set"]) if records else []
     true_positive: dict[str, int] = defaultdict(int)
     predicted: dict[str, int] = defaultdict(int)
@@ -231,7 +234,12 @@ def _average_precision(scores: Sequence[float], truths: Sequence[int]) -> float 
     return total
 
 
-def _score_multi_label(records: Sequence[dict]) -> tuple[dict, dict]:
+def score_multi_label(records: Sequence[dict]) -> tuple[dict, dict]:
+    """
+    Multi-label sets (FSD50K): the labels a prediction names (its comma / "and" separated parts, each matched by
+    `match_label`) against the true ones: micro F1, and mAP over the classes with the named labels as 0/1 scores
+    (a generated answer has no ranking; this is the mAP of hard decisions).
+    """
     label_set = list(records[0]["label_set"])
     named = [_named_labels(r["prediction"], r["label_set"]) for r in records]
     truths = [set(r["labels"]) for r in records]
@@ -272,6 +280,7 @@ SCORERS: dict[str, Callable[[Sequence[dict]], tuple[dict, dict]]] = {
     "mmau": score_mmau,
     "clotho_aqa": score_clotho_aqa,
     "classification": score_classification,
+    "multi_label": score_multi_label,
     "captioning": score_captioning,
 }
 

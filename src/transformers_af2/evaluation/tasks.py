@@ -8,8 +8,8 @@ Prompts. The original evaluates through its training data loader (`audio_flaming
 the authors did publish: MMAU's from their answer to NVIDIA/audio-flamingo#29 and AF2's inference_CoT.jsonl
 ("... Choose the correct option from the following options:\\n(A) ...\\n(B) ..."), captioning's from AF2's manifest
 example and inference.jsonl ("Caption the input audio."), ClothoAQA's as the bare question (AF2's README: "for AQA,
-all options are provided in the prompt"; ClothoAQA has none), classification's from the Audio Flamingo manifests'
-per-task prompts (AF1's data.py). `--prompt` overrides a task's template.
+all options are provided in the prompt"; ClothoAQA has none), classification's and FSD50K's from the Audio Flamingo
+manifests' per-task prompts (AF1's data.py). `--prompt` overrides a task's template.
 
 Decoding. The original's benchmark script (`eval/inference.sh`) runs temperature 0 and 1 beam (its `num_beams` is
 never passed to generate), 256 new tokens, stopping at eos: greedy decoding, `GENERATION_SETTINGS`.
@@ -148,6 +148,16 @@ TASKS: dict[str, EvalTask] = {
                 path_template="fold{fold}/{slice_file_name}",
                 default_audio_root="../audio",
             ),
+        ),
+        EvalTask(
+            name="fsd50k",
+            reader="fsd50k",
+            scorer="multi_label",
+            prompt="describe this sound in the order from specific to general.",
+            description="FSD50K sound event tagging (multi-label); mAP, micro F1",
+            download="https://zenodo.org/records/4060432 (FSD50K.ground_truth/eval.csv, FSD50K.eval_audio/)",
+            data_hint="FSD50K.ground_truth/eval.csv; --audio-root: FSD50K.eval_audio/ (default: beside the CSV's folder)",
+            headline="mAP",
         ),
         EvalTask(
             name="cremad",
