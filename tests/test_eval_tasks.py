@@ -265,6 +265,14 @@ def test_resume_refuses_other_settings_or_data(generator, loaded, tmp_path):
         run_evaluation("mmau", data, out, generator, limit=1)
 
 
+def test_loop_engine_refuses_data_parallel(generator, monkeypatch):
+    from transformers_af2.evaluation import LoopEngine
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="under torchrun / accelerate use the caption engine"):
+        LoopEngine(generator)
+
+
 @pytest.mark.parametrize(
     ("name", "damage", "message"),
     [

@@ -103,6 +103,12 @@ class LoopEngine:
     is_main = True
 
     def __init__(self, generator: AnswerGenerator):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Every process would answer every item into the same file.
+            raise ValueError(
+                "the loop engine runs in one process; under torchrun / accelerate use the caption engine "
+                "(--engine caption)."
+            )
         self.generator = generator
         self.settings = dict(getattr(generator, "settings", {}))
 
