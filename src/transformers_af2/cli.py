@@ -419,6 +419,13 @@ def _add_train(subparsers) -> None:
     module.add_train_parser(subparsers)
 
 
+def _add_eval(subparsers) -> None:
+    """`af2 eval` lives in `transformers_af2.evaluation` (its metrics' extras are imported when used)."""
+    from .evaluation.cli import add_eval_parser
+
+    add_eval_parser(subparsers, formatter_class=_HelpFormatter)
+
+
 def _add_demo(subparsers) -> None:
     from .demo import add_demo_parser
 
@@ -465,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_convert(subparsers)
     _add_train(subparsers)
+    _add_eval(subparsers)
     _add_demo(subparsers)
     _add_serve(subparsers)
     return parser
