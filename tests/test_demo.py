@@ -112,7 +112,7 @@ def test_the_answer_streams_and_ends_with_the_final_answer(loaded, reference, an
 def test_a_bad_file_is_a_readable_error_and_the_answerer_keeps_working(loaded, reference, answerer, tmp_path):
     fixture, _, _ = loaded
     _, answers = reference
-    with pytest.raises(ValueError, match=r"^corrupt\.wav: cannot decode this audio \(Error opening 'corrupt\.wav'"):
+    with pytest.raises(ValueError, match=r"^corrupt\.wav: cannot decode this audio \(Error opening "):
         answerer.answer(write_corrupt_wav(tmp_path / "corrupt.wav"), QUESTION)
     with pytest.raises(FileNotFoundError, match="upload or record a clip first"):
         answerer.answer(tmp_path / "missing.wav", QUESTION)
@@ -322,7 +322,7 @@ def test_the_page_in_a_browser(demo_server, converted_fixture, reference, browse
     driver.save_screenshot(str(screenshot))
 
     upload(write_corrupt_wav(tmp_path / "corrupt.wav"))
-    error = "corrupt.wav: cannot decode this audio (Error opening 'corrupt.wav'"
+    error = "corrupt.wav: cannot decode this audio (Error opening "
     wait(lambda d: error in css("body").text, what="the error message")
     css("#ask").click()
     # The page keeps both errors (the upload's and the question's) on screen until they are closed.

@@ -148,7 +148,8 @@ class AudioQuestionAnswerer:
         try:
             features = self.feature_extractor([str(path)], return_tensors="pt")
         except Exception as error:  # the front end names the problem; show the file by its name, not its upload path
-            message = _one_line(error).replace(str(path), name)
+            # One clip per call: the batch position the front end prefixes ("audio[0]: ") says nothing here.
+            message = _one_line(error).replace(str(path), name).removeprefix("audio[0]: ")
             raise ValueError(message if name in message else f"{name}: {message}") from error
         duration = _file_duration(path)
         with self._model_lock, torch.inference_mode():
