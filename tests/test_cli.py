@@ -264,7 +264,7 @@ def test_stream_of_a_repaired_soundcot_answer_shows_both_passes(converted_fixtur
     from test_pipeline import ForceContinuations
     from transformers import AutoModel, AutoProcessor, LogitsProcessorList, pipeline
 
-    from transformers_af2.pipelines import SOUNDCOT_REPAIR_SUFFIX
+    from transformers_af2.soundcot import SOUNDCOT_REPAIR_SUFFIX
 
     fixture = converted_fixture
     model = AutoModel.from_pretrained(fixture.repo).eval()

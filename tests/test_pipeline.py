@@ -19,7 +19,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 import transformers_af2
-from transformers_af2.pipelines import SOUNDCOT_REPAIR_SUFFIX, AudioTextToTextPipeline, soundcot_repair_prefix
+from transformers_af2.pipelines import AudioTextToTextPipeline
+from transformers_af2.soundcot import SOUNDCOT_REPAIR_SUFFIX, soundcot_repair_prefix
 
 SAMPLES = ("s0", "s1")
 
