@@ -289,7 +289,7 @@ def _question(value: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
         raise argparse.ArgumentTypeError(
-            f"the question is not valid UTF-8 text: {_display(value)!r}; check the terminal's encoding"
+            f"the question is not valid UTF-8 text: '{_display(value)}'; check the terminal's encoding"
         ) from None
     return value
 
@@ -567,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
             "checkpoints. Run `af2 COMMAND --help` for a command's options."
         ),
         epilog="Errors print one line, `af2 COMMAND: error: ...`, and exit with status 2 (set AF2_DEBUG=1 for a "
-        "traceback).",
+        "traceback); `af2 generate` exits with 1 when some files got no answer (the others are printed), and Ctrl-C "
+        "exits with 130.",
     )
     from . import __version__
 
@@ -585,8 +586,12 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        # Building the parser imports the trainer's command (and its dependencies): still part of starting up.
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("af2: interrupted", file=sys.stderr)
+        return 130
     try:
         return args.handler(args)
     except KeyboardInterrupt:
