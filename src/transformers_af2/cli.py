@@ -491,7 +491,9 @@ class AnswerStreamer(TextStreamer):
 
     def __init__(self, processor, file=None):
         super().__init__(processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self.sep_token_id = processor.tokenizer.convert_tokens_to_ids("<SEP>")
+        from .processing.processing_audioflamingo2 import SEP_TOKEN
+
+        self.sep_token_id = processor.tokenizer.convert_tokens_to_ids(SEP_TOKEN)
         self.file = file if file is not None else sys.stdout
         self.started = False
 
