@@ -315,11 +315,15 @@ def _resolve_device(name: str):
     return device
 
 
-def load_model_and_processor(model_id: str, device=None, dtype=None, original_config: str | None = None):
+def load_model_and_processor(
+    model_id: str, device=None, dtype=None, original_config: str | None = None, fast_cpu_linears: bool = False
+):
     """
     `(model, processor)` for a converted repository (local or hub) or an original-layout checkpoint (hub id or
     directory; converted on first use and cached, see `AudioFlamingo2ForConditionalGeneration.from_pretrained`).
     `original_config` is the original inference YAML, for original-layout directories that lack one.
+    `fast_cpu_linears` turns on the CPU inference kernels of `transformers_af2.modeling.cpu_linear` when the model
+    runs on CPU (the commands do; a model meant for quantization, PEFT or training must not).
     """
     from transformers import AutoProcessor
 
@@ -340,6 +344,10 @@ def load_model_and_processor(model_id: str, device=None, dtype=None, original_co
     processor = AutoProcessor.from_pretrained(processor_source)
     if device is not None:
         model.to(device)
+    if fast_cpu_linears and model.device.type == "cpu":
+        from .modeling.cpu_linear import enable_fast_cpu_linears
+
+        enable_fast_cpu_linears(model)
     return model.eval(), processor
 
 
@@ -404,7 +412,7 @@ def _run_generate(args) -> int:
         if args.seed is not None:
             set_seed(args.seed)
         model, processor = load_model_and_processor(
-            args.model, device=device, dtype=dtype, original_config=args.config
+            args.model, device=device, dtype=dtype, original_config=args.config, fast_cpu_linears=True
         )
         _check_max_new_tokens(args.max_new_tokens, model)
         pipe = pipeline(TASK, model=model, processor=processor, device=device)
@@ -491,9 +499,7 @@ class AnswerStreamer(TextStreamer):
 
     def __init__(self, processor, file=None):
         super().__init__(processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
-        from .processing.processing_audioflamingo2 import SEP_TOKEN
-
-        self.sep_token_id = processor.tokenizer.convert_tokens_to_ids(SEP_TOKEN)
+        self.sep_token_id = processor.sep_token_id
         self.file = file if file is not None else sys.stdout
         self.started = False
 
