@@ -177,7 +177,7 @@ def test_argument_errors_exit_2(capsys):
     [
         (("--prompt", ""), "argument --prompt: the question must not be empty"),
         (("--prompt", "   "), "argument --prompt: the question must not be empty"),
-        (("--prompt", "caf\udce9"), "argument --prompt: the question is not valid UTF-8 text: 'caf\\xe9'"),
+        (("--prompt", "caf\udce9"), "argument --prompt: the question is not valid UTF-8 text: 'caf\\udce9'"),
         (("--audio", ""), "argument --audio: --audio must not be empty"),
         (("--model", ""), "argument --model: --model must not be empty"),
         (("--config", " "), "argument --config: --config must not be empty"),
@@ -295,25 +295,27 @@ def test_generate_names_the_file_whose_logits_are_nan(loaded, capsys, monkeypatc
 
 
 def test_generate_non_utf8_file_name(converted_fixture, capsys, tmp_path):
-    """A file name that is not UTF-8 (bytes 0xe9) prints as \\xe9 in text, JSON and errors instead of crashing."""
+    """A file name that is not UTF-8 (byte 0xe9) prints as \\udce9 (as the front end names it) in JSON and errors."""
     import os
     import shutil
 
     fixture = converted_fixture
     name = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.wav")
     shutil.copy(fixture.wav(1), os.fsencode(name))
-    shown = str(tmp_path) + "/caf\\xe9.wav"
+    shown = str(tmp_path) + "/caf\\udce9.wav"
     argv = ["generate", "--model", str(fixture.repo), "--device", "cpu", "--max-new-tokens", "3", "--json"]
     argv += ["--audio", str(fixture.wav(1)), "--audio", name, "--prompt", fixture.reference["prompts"][1]]
     code, out, err = _run(argv, capsys)
     out.encode("utf-8")  # printable on a UTF-8 stream
     entries = json.loads(out)
     assert entries[1]["audio"] == shown and entries[0]["error"] is None
-    # Read like the same audio under a UTF-8 name, or refused with one line naming the file as shown.
-    if entries[1]["error"] is None:
-        assert code == 0 and entries[1]["tokens"] == entries[0]["tokens"]
-    else:
-        assert code == 1 and shown in err.splitlines()[-1]
+    assert code == 0 and entries[1]["tokens"] == entries[0]["tokens"]  # read like the same audio under a UTF-8 name
+    # A missing one is named the same way on stderr.
+    argv[argv.index(name)] = name.replace(".wav", "-gone.wav")
+    code, out, err = _run(argv, capsys)
+    assert code == 1
+    missing_line = f"af2 generate: error: [2] {shown.replace('.wav', '-gone.wav')}: no such audio file."
+    assert missing_line in err.splitlines()
 
 
 def _start(argv, **kwargs):

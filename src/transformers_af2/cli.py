@@ -295,8 +295,10 @@ def _question(value: str) -> str:
 
 
 def _display(text: str) -> str:
-    """`text` printable on any UTF-8 stream: bytes of a non-UTF-8 file name shown as \\xNN."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """`text` printable on any UTF-8 stream, as the front end names files: undecodable bytes as `\\udcXX`."""
+    from .processing.feature_extraction_audioflamingo2 import _printable
+
+    return _printable(text)
 
 
 def _resolve_device(name: str):
