@@ -19,7 +19,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 import transformers_af2
-from transformers_af2.pipelines import SOUNDCOT_REPAIR_SUFFIX, AudioTextToTextPipeline, soundcot_repair_prefix
+from transformers_af2.pipelines import AudioTextToTextPipeline
+from transformers_af2.soundcot import SOUNDCOT_REPAIR_SUFFIX, soundcot_repair_prefix
 
 SAMPLES = ("s0", "s1")
 
@@ -147,6 +148,86 @@ def test_pipeline_passes_generation_kwargs(loaded, pipe):
 def test_pipeline_bad_inputs_raise_clear_errors(pipe, call, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         pipe(**call, max_new_tokens=2)
+
+
+def test_pipeline_honours_max_length(loaded, pipe):
+    """The converted generation config pins max_new_tokens=256; a user's max_length must still apply."""
+    from transformers import GenerationConfig
+
+    fixture, _, processor = loaded
+    question, wav = fixture.reference["prompts"][1], str(fixture.wav(1))
+    prompt_length = processor(text=question, audio=wav)["input_ids"].shape[1]
+    assert pipe.model.generation_config.max_new_tokens == 256
+    expected = _expected_new_ids(fixture, "s1")[:3]
+    by_kwarg = pipe(audio=wav, text=question, max_length=prompt_length + 3, return_tensors=True)
+    assert by_kwarg[0]["generated_token_ids"].tolist() == expected
+    config = GenerationConfig(max_length=prompt_length + 3, do_sample=False)
+    by_config = pipe(audio=wav, text=question, generation_config=config, return_tensors=True)
+    assert by_config[0]["generated_token_ids"].tolist() == expected
+    assert config.max_new_tokens is None  # the user's object is left as it was
+    # Both given: transformers' rule, max_new_tokens wins.
+    both = pipe(audio=wav, text=question, max_length=prompt_length + 3, max_new_tokens=5, return_tensors=True)
+    assert len(both[0]["generated_token_ids"]) == 5
+
+
+def _poisoned_copy(loaded, question):
+    """A copy of the fixture model whose embedding of a token that only `question` holds is NaN."""
+    import copy
+
+    fixture, model, processor = loaded
+    others = {
+        t for q in fixture.reference["prompts"] if q != question for t in processor(text=q)["input_ids"][0].tolist()
+    }
+    token = next(t for t in processor(text=question)["input_ids"][0].tolist() if t not in others)
+    poisoned = copy.deepcopy(model)
+    embeddings = poisoned.get_input_embeddings().weight.detach().clone()
+    embeddings[token] = float("nan")
+    # Untied from the LM head (which would otherwise make that token's logit NaN in every row).
+    poisoned.get_input_embeddings().weight = torch.nn.Parameter(embeddings)
+    return poisoned
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_pipeline_nan_logits_raise_naming_the_input(loaded, do_sample):
+    from transformers_af2.generation_utils import NonFiniteLogitsError
+
+    fixture, _, processor = loaded
+    questions, wavs = fixture.reference["prompts"], [str(fixture.wav(0)), str(fixture.wav(1))]
+    poisoned = pipeline("audio-text-to-text", model=_poisoned_copy(loaded, questions[1]), processor=processor)
+    with pytest.raises(NonFiniteLogitsError) as raised:
+        poisoned(audio=wavs, text=questions, batch_size=2, max_new_tokens=4, do_sample=do_sample)
+    message = str(raised.value)
+    assert f"batch row 1 (audio {wavs[1]!r}) has " in message and "NaN" in message
+    assert "weights or this input's audio features" in message
+
+
+def test_answer_each_keeps_the_answers_of_the_other_inputs(loaded, tmp_path):
+    """An undecodable file, a missing one and NaN logits each fail alone; the others get their fixture answers."""
+    from transformers_af2.generation_utils import NonFiniteLogitsError
+
+    fixture, _, processor = loaded
+    questions = fixture.reference["prompts"]
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("not audio")
+    poisoned = pipeline("audio-text-to-text", model=_poisoned_copy(loaded, questions[1]), processor=processor)
+    inputs = [
+        {"audio": str(fixture.wav(0)), "text": questions[0]},
+        {"audio": str(not_audio), "text": questions[0]},
+        {"audio": str(fixture.wav(1)), "text": questions[1]},  # NaN logits: its question holds the NaN token
+        {"audio": str(tmp_path / "missing.wav"), "text": questions[0]},
+        _messages(questions[0], fixture.wav(0)),
+    ]
+    max_new = fixture.reference["max_new_tokens"]
+    results = list(poisoned.answer_each(inputs, batch_size=3, max_new_tokens=max_new, return_tensors=True))
+    assert [index for index, _, _ in results] == [0, 1, 2, 3, 4]
+    for index in (0, 4):
+        assert results[index][2] is None
+        assert results[index][1][0]["generated_token_ids"].tolist() == _expected_new_ids(fixture, "s0")
+    assert isinstance(results[1][2], ValueError) and "notes.wav: cannot decode" in str(results[1][2])
+    assert isinstance(results[2][2], NonFiniteLogitsError) and "clip_7s.wav" in str(results[2][2])
+    assert isinstance(results[3][2], FileNotFoundError) and "missing.wav" in str(results[3][2])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        next(poisoned.answer_each(inputs, batch_size=0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

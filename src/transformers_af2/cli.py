@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 from transformers import TextStreamer
 
+from .utils import DTYPE_NAMES, parse_dtype
+
 DEFAULT_MODEL = "nvidia/audio-flamingo-2"
 # The original demo's sampling settings (inference_HF_pretrained/inference.py).
 DEFAULT_TOP_K = 30
 DEFAULT_TOP_P = 0.95
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -123,6 +125,9 @@ def _add_generate(subparsers) -> None:
             "The model is a converted repository (local or hub), or a checkpoint in NVIDIA's original layout (hub id "
             "or directory), which is converted on first use and cached under $AF2_CACHE "
             "(default $HF_HOME/transformers_af2).\n\n"
+            "Every file that can be answered is answered: a file that cannot be read (or whose generation fails) is "
+            "reported on stderr, one line each (and as `error` in --json), and af2 exits with status 1 after "
+            "printing all answers.\n\n"
             "examples:\n"
             '  af2 generate --audio dog.wav --prompt "What is the sound in this audio?"\n'
             '  af2 generate --model af2-3b-hf --audio a.wav --audio b.flac --prompt "Describe the audio." --json\n'
@@ -131,11 +136,15 @@ def _add_generate(subparsers) -> None:
         ),
     )
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="converted repository, or original-layout hub id or directory"
+        "--model",
+        default=DEFAULT_MODEL,
+        type=_non_empty("--model"),
+        help="converted repository, or original-layout hub id or directory",
     )
     parser.add_argument(
         "--config",
         metavar="YAML",
+        type=_non_empty("--config"),
         help="for an original-layout directory without configs/inference.yaml: the original inference YAML",
     )
     parser.add_argument(
@@ -143,6 +152,7 @@ def _add_generate(subparsers) -> None:
         action="append",
         required=True,
         metavar="FILE",
+        type=_non_empty("--audio"),
         help="audio file (WAV, FLAC, OGG, MP3); repeat for several files",
     )
     parser.add_argument(
@@ -150,6 +160,7 @@ def _add_generate(subparsers) -> None:
         action="append",
         required=True,
         metavar="TEXT",
+        type=_question,
         help="the question; give it once for all files, or once per --audio in the same order",
     )
     parser.add_argument(
@@ -183,13 +194,17 @@ def _add_generate(subparsers) -> None:
     )
     parser.add_argument(
         "--top-p",
-        type=float,
+        type=_probability,
         default=None,
         metavar="P",
-        help=f"with --sample: nucleus sampling mass (default {DEFAULT_TOP_P})",
+        help=f"with --sample: nucleus sampling mass, in (0, 1] (default {DEFAULT_TOP_P})",
     )
-    parser.add_argument("--temperature", type=float, default=None, metavar="T", help="with --sample: temperature")
-    parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
+    parser.add_argument(
+        "--temperature", type=_positive_float, default=None, metavar="T", help="with --sample: temperature, > 0"
+    )
+    parser.add_argument(
+        "--seed", type=_seed, default=None, help=f"random seed in [0, {MAX_SEED}], for repeatable sampling"
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=1, metavar="B", help="files per generate call")
     parser.add_argument(
         "--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto" takes the GPU when there is one'
@@ -197,7 +212,7 @@ def _add_generate(subparsers) -> None:
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=DTYPES,
+        choices=("auto", *DTYPE_NAMES),
         help='model precision; "auto" is bfloat16 on GPU and float32 on CPU',
     )
     parser.add_argument(
@@ -211,17 +226,91 @@ def _add_generate(subparsers) -> None:
     output.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON list of {audio, prompt, answer, tokens} (tokens: the generated ids, up to and "
-        "including eos) instead of text",
+        help="print one JSON list of {audio, prompt, answer, tokens, error} (tokens: the generated ids, up to and "
+        "including eos; error: null, or why this file has no answer) instead of text",
     )
     parser.set_defaults(handler=_run_generate)
 
 
+# -- argument types: each bad value is an argparse error naming the option, the value and what is expected ----------
+
+# numpy's generator (seeded by transformers.set_seed) takes 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return number
+
+
+def _seed(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {value!r}") from None
+    if not 0 <= number <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {value}")
+    return number
+
+
+def _finite_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return number
+
+
+def _probability(value: str) -> float:
+    number = _finite_float(value)
+    if not 0 < number <= 1:  # top-p 0 would keep one token (greedy), above 1 nothing: both silently not sampling
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = _finite_float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be greater than 0 (use --greedy for deterministic answers), got {value}"
+        )
+    return number
+
+
+def _non_empty(option: str):
+    def check(value: str) -> str:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"{option} must not be empty")
+        return value
+
+    check.__name__ = option.lstrip("-")  # argparse names the type in some messages
+    return check
+
+
+def _question(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the question must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+        raise argparse.ArgumentTypeError(
+            f"the question is not valid UTF-8 text: '{_display(value)}'; check the terminal's encoding"
+        ) from None
+    return value
+
+
+def _display(text: str) -> str:
+    """`text` printable on any UTF-8 stream, as the front end names files: undecodable bytes as `\\udcXX`."""
+    from .processing.feature_extraction_audioflamingo2 import _printable
+
+    return _printable(text)
 
 
 def _resolve_device(name: str):
@@ -233,17 +322,11 @@ def _resolve_device(name: str):
         device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(f"--device {name!r} is not a device ({error}).") from None
+    if device.type == "meta":
+        raise ValueError("--device meta holds no weights and cannot generate; use cpu or cuda.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
     return device
-
-
-def _resolve_dtype(name: str, device):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def load_model_and_processor(
@@ -290,14 +373,38 @@ def _pair_inputs(audios: list[str], prompts: list[str]) -> list[tuple[str, str]]
         raise ValueError(
             f"got {len(audios)} --audio and {len(prompts)} --prompt; give one --prompt for all files or one per file."
         )
-    for path in audios:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such audio file.")
     return list(zip(audios, prompts))
 
 
+def _unreadable(path: str) -> str | None:
+    """Why `path` cannot be an audio file (checked before the model loads), or None."""
+    if os.path.isdir(path):
+        return f"{_display(path)}: is a directory, not an audio file."
+    if not os.path.isfile(path):
+        return f"{_display(path)}: no such audio file."
+    return None
+
+
+def _check_max_new_tokens(max_new_tokens: int | None, model) -> None:
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if max_new_tokens is not None and positions is not None and max_new_tokens >= positions:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} does not fit the model's context of {positions} positions "
+            "(prompt included); give a smaller value."
+        )
+
+
+def _report(index: int, several: bool, audio: str, error: BaseException | str) -> str:
+    """One stderr line for a file without an answer; the file is named once."""
+    message = error if isinstance(error, str) else _one_line(error)
+    if _display(audio) not in message and audio not in message:
+        message = f"{_display(audio)}: {message}"
+    line = f"af2 generate: error: {f'[{index + 1}] ' if several else ''}{message}"
+    print(line, file=sys.stderr, flush=True)
+    return message
+
+
 def _run_generate(args) -> int:
-    import torch
     from transformers import pipeline, set_seed
 
     from .pipelines import TASK
@@ -305,15 +412,54 @@ def _run_generate(args) -> int:
     pairs = _pair_inputs(args.audio, args.prompt)
     if not args.do_sample and any(v is not None for v in (args.top_k, args.top_p, args.temperature)):
         raise ValueError("--top-k, --top-p and --temperature apply to --sample only.")
+    if args.stream and args.batch_size > 1:
+        raise ValueError("--stream prints one answer at a time; --batch-size does not apply to it.")
     device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
-    if args.seed is not None:
-        set_seed(args.seed)
-    model, processor = load_model_and_processor(
-        args.model, device=device, dtype=dtype, original_config=args.config, fast_cpu_linears=True
-    )
-    pipe = pipeline(TASK, model=model, processor=processor, device=device)
+    dtype = parse_dtype(args.dtype, device)
+    several = len(pairs) > 1
+    errors: dict[int, str] = {}
+    for index, (audio, _) in enumerate(pairs):
+        if (problem := _unreadable(audio)) is not None:
+            errors[index] = _report(index, several, audio, problem)
+    todo = [index for index in range(len(pairs)) if index not in errors]
+    answers: dict[int, dict] = {}
+    if todo:
+        if args.seed is not None:
+            set_seed(args.seed)
+        model, processor = load_model_and_processor(
+            args.model, device=device, dtype=dtype, original_config=args.config, fast_cpu_linears=True
+        )
+        _check_max_new_tokens(args.max_new_tokens, model)
+        pipe = pipeline(TASK, model=model, processor=processor, device=device)
+        options = {"return_tensors": True, "soundcot_repair": args.soundcot_repair, **_generate_kwargs(args)}
+        if args.stream:
+            _stream_answers(pipe, processor, pairs, todo, options, errors)
+            return 1 if errors else 0
+        inputs = [{"audio": pairs[index][0], "text": pairs[index][1]} for index in todo]
+        try:
+            for position, records, error in pipe.answer_each(inputs, batch_size=args.batch_size, **options):
+                index = todo[position]
+                if error is not None:
+                    errors[index] = _report(index, several, pairs[index][0], error)
+                    continue
+                answers[index] = records[0]
+                if not args.json:  # text: each answer as soon as it is there
+                    if several:
+                        print(f"[{index + 1}] {_display(pairs[index][0])}")
+                    print(records[0]["generated_text"], flush=True)
+        except KeyboardInterrupt:
+            if args.json:  # the answers so far are not lost; the rest are marked
+                for index in range(len(pairs)):
+                    if index not in answers and index not in errors:
+                        errors[index] = "interrupted"
+                _print_json(args, pairs, answers, errors)
+            raise
+    if args.json:
+        _print_json(args, pairs, answers, errors)
+    return 1 if errors else 0
 
+
+def _generate_kwargs(args) -> dict:
     generate_kwargs = {"do_sample": args.do_sample}
     if args.do_sample:
         generate_kwargs.update(
@@ -323,41 +469,41 @@ def _run_generate(args) -> int:
             generate_kwargs["temperature"] = args.temperature
     if args.max_new_tokens is not None:
         generate_kwargs["max_new_tokens"] = args.max_new_tokens
-    options = {"return_tensors": True, "soundcot_repair": args.soundcot_repair, **generate_kwargs}
+    return generate_kwargs
 
+
+def _stream_answers(pipe, processor, pairs, todo, options, errors) -> None:
+    """--stream: a streamer follows one sequence, so the files go one by one."""
     several = len(pairs) > 1
-    if args.stream:
-        # A streamer follows one sequence: the files go one by one.
-        for index, (audio, prompt) in enumerate(pairs):
-            if several:
-                print(f"[{index + 1}] {audio}", flush=True)
-            record = pipe(audio=audio, text=prompt, streamer=AnswerStreamer(processor, sys.stdout), **options)[0]
-            if record.get("soundcot_repaired"):
-                print("af2 generate: the answer above had no conclusion; printed again, repaired.", file=sys.stderr)
-        return 0
-    with torch.inference_mode():
-        outputs = pipe(audio=[a for a, _ in pairs], text=[p for _, p in pairs], batch_size=args.batch_size, **options)
-    results = [(audio, prompt, records[0]) for (audio, prompt), records in zip(pairs, outputs)]
+    for index in todo:
+        audio, prompt = pairs[index]
+        if several:
+            print(f"[{index + 1}] {_display(audio)}", flush=True)
+        streamer = AnswerStreamer(processor, sys.stdout)
+        try:
+            record = pipe(audio=audio, text=prompt, streamer=streamer, **options)[0]
+        except Exception as error:
+            if streamer.started:  # end the partial answer's line before the error
+                print(flush=True)
+            errors[index] = _report(index, several, audio, error)
+            continue
+        if record.get("soundcot_repaired"):
+            print("af2 generate: the answer above had no conclusion; printed again, repaired.", file=sys.stderr)
 
-    if args.json:
-        payload = []
-        for audio, prompt, record in results:
-            entry = {
-                "audio": audio,
-                "prompt": prompt,
-                "answer": record["generated_text"],
-                "tokens": record["generated_token_ids"].tolist(),
-            }
+
+def _print_json(args, pairs, answers: dict, errors: dict) -> None:
+    payload = []
+    for index, (audio, prompt) in enumerate(pairs):
+        entry = {"audio": _display(audio), "prompt": prompt, "answer": None, "tokens": None, "error": None}
+        if index in answers:
+            record = answers[index]
+            entry.update(answer=record["generated_text"], tokens=record["generated_token_ids"].tolist())
             if args.soundcot_repair:
                 entry["soundcot_repaired"] = record["soundcot_repaired"]
-            payload.append(entry)
-        print(json.dumps(payload, ensure_ascii=False))
-        return 0
-    for index, (audio, _, record) in enumerate(results):
-        if several:
-            print(f"[{index + 1}] {audio}")
-        print(record["generated_text"])
-    return 0
+        else:
+            entry["error"] = errors.get(index, "not answered")
+        payload.append(entry)
+    print(json.dumps(payload, ensure_ascii=False), flush=True)
 
 
 class AnswerStreamer(TextStreamer):
@@ -368,7 +514,7 @@ class AnswerStreamer(TextStreamer):
 
     def __init__(self, processor, file=None):
         super().__init__(processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self.sep_token_id = processor.tokenizer.convert_tokens_to_ids("<SEP>")
+        self.sep_token_id = processor.sep_token_id
         self.file = file if file is not None else sys.stdout
         self.started = False
 
@@ -463,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
             "checkpoints. Run `af2 COMMAND --help` for a command's options."
         ),
         epilog="Errors print one line, `af2 COMMAND: error: ...`, and exit with status 2 (set AF2_DEBUG=1 for a "
-        "traceback).",
+        "traceback); `af2 generate` exits with 1 when some files got no answer (the others are printed), and Ctrl-C "
+        "exits with 130.",
     )
     from . import __version__
 
@@ -484,8 +631,12 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        # Building the parser imports the trainer's command (and its dependencies): still part of starting up.
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("af2: interrupted", file=sys.stderr)
+        return 130
     try:
         return args.handler(args)
     except KeyboardInterrupt:

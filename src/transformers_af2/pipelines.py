@@ -1,5 +1,5 @@
 """
-`pipeline("audio-text-to-text")` for Audio Flamingo 2, AF2 in `pipeline("any-to-any")`, and the SoundCoT repair step.
+`pipeline("audio-text-to-text")` for Audio Flamingo 2 and AF2 in `pipeline("any-to-any")`.
 
 `import transformers_af2` calls `register_pipelines()`, after which
 
@@ -24,36 +24,12 @@ from transformers.pipelines.base import Pipeline, PipelineDataset, PipelineItera
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import Chat, is_valid_message
 
+from .generation_utils import generate_kwargs_honouring_max_length, with_non_finite_check
+from .soundcot import repair_unconcluded_answers
+
 logger = logging.get_logger(__name__)
 
 TASK = "audio-text-to-text"
-
-# The SoundCoT checkpoint and the original's repair step (inference_HF_pretrained/inference_CoT.py).
-SOUNDCOT_REPAIR_SUFFIX = "</REASONING>\n<CONCLUSION>"
-SOUNDCOT_REPAIR_MAX_CHARS = 512
-SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS = 1024
-
-
-def soundcot_repair_prefix(answer: str) -> str | None:
-    """
-    The original SoundCoT repair rule: for an answer (the decoded text after `<SEP>`, not stripped) that opens a
-    `<reasoning>` section but has no `</conclusion>`, the text to append to the prompt before generating again;
-    `None` when no repair is needed.
-
-    As in the original, the answer is lower-cased; the reasoning is cut at `</reasoning>` when present, else the
-    first 512 characters are kept (stripped) and cut at their last `.` (with no `.` at all, the original's
-    `rfind` gives -1 and drops the last character; kept here), and `</REASONING>\\n<CONCLUSION>` is appended.
-    """
-    text = answer.lower()
-    if "<reasoning>" not in text or "</conclusion>" in text:
-        return None
-    if "</reasoning>" in text:
-        kept = text.split("</reasoning>")[0]
-    else:
-        if len(text) >= SOUNDCOT_REPAIR_MAX_CHARS:
-            text = text[:SOUNDCOT_REPAIR_MAX_CHARS].strip()
-        kept = text[: text.rfind(".")]
-    return kept + SOUNDCOT_REPAIR_SUFFIX
 
 
 def _is_chat(value) -> bool:
@@ -79,6 +55,15 @@ def _is_single_audio(value) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], (int, float, np.number))
 
 
+def _audio_name(audio) -> str:
+    """How errors name an input: its file name, or the kind of audio it is."""
+    if isinstance(audio, (str, os.PathLike)):
+        return f"audio {os.fspath(audio)!r}"
+    if isinstance(audio, Mapping) and isinstance(audio.get("path"), str):
+        return f"audio {audio['path']!r}"
+    return f"audio given as {type(audio).__name__}"
+
+
 class AudioTextToTextPipeline(Pipeline):
     """
     Answers questions about audio with Audio Flamingo 2.
@@ -101,7 +86,7 @@ class AudioTextToTextPipeline(Pipeline):
     Parameters of a call (or of `pipeline(...)`): `max_new_tokens`, any other `generate` argument (`do_sample`,
     `top_k`, `streamer`, `generation_config`, ...) or `generate_kwargs={...}`; `sampling_rate` for array inputs;
     `batch_size`; `soundcot_repair=True` for AF2-SoundCoT: an answer that opened `<REASONING>` but never wrote
-    `</CONCLUSION>` is repaired as the original did (see `soundcot_repair_prefix`): its text is then the cut,
+    `</CONCLUSION>` is repaired as the original did (see `transformers_af2.soundcot`): its text is then the cut,
     lower-cased reasoning, `</REASONING>\\n<CONCLUSION>` and the second pass's continuation (whose tokens are its
     `generated_token_ids`); every entry then says whether it was repaired in `"soundcot_repaired"`.
 
@@ -224,6 +209,16 @@ class AudioTextToTextPipeline(Pipeline):
             )
             prompt_text = self.processor.apply_chat_template(messages, continue_final_message=prefill)
             input_text = messages
+            audio = next(
+                (
+                    next((item[key] for key in ("path", "url", "audio") if key in item), None)
+                    for message in messages
+                    if isinstance(message.get("content"), list)
+                    for item in message["content"]
+                    if isinstance(item, Mapping) and item.get("type") == "audio"
+                ),
+                None,
+            )
         elif _is_input_dict(inputs):
             question = inputs["text"]
             encoded = self.processor(
@@ -231,13 +226,14 @@ class AudioTextToTextPipeline(Pipeline):
             )
             prompt_text = self.processor.build_prompt(question)
             input_text = question
+            audio = inputs["audio"]
         else:
             raise ValueError(
                 f"{TASK}: cannot read an input of type {type(inputs).__name__}; pass audio= and text=, chat messages, "
                 "or {'audio': ..., 'text': ...} dicts."
             )
         model_inputs = dict(encoded)
-        model_inputs["meta"] = [{"prompt_text": prompt_text, "input_text": input_text}]
+        model_inputs["meta"] = [{"prompt_text": prompt_text, "input_text": input_text, "name": _audio_name(audio)}]
         return model_inputs
 
     def _collate(self, items: list[dict]) -> dict:
@@ -279,12 +275,28 @@ class AudioTextToTextPipeline(Pipeline):
     def _forward(self, model_inputs, generate_kwargs=None, soundcot_repair=False):
         meta = model_inputs.pop("meta")
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
+        generate_kwargs = generate_kwargs_honouring_max_length(generate_kwargs)
+        # NaN/inf logits stop generation with an error naming the input instead of answering token 0.
+        generate_kwargs["logits_processor"] = with_non_finite_check(
+            generate_kwargs.get("logits_processor"), [item["name"] for item in meta]
+        )
         new_tokens = self._generate_new_tokens(model_inputs, generate_kwargs)
         batch = model_inputs["input_ids"].shape[0]
         per_input = len(new_tokens) // batch
         prefixes = [None] * len(new_tokens)
         if soundcot_repair:
-            new_tokens, prefixes = self._soundcot_repair(model_inputs, meta, new_tokens, per_input, generate_kwargs)
+            second_pass = {**generate_kwargs, "num_return_sequences": 1}
+            second_pass["logits_processor"] = with_non_finite_check(
+                generate_kwargs["logits_processor"],
+                [meta[index // per_input]["name"] for index in range(len(new_tokens))],
+            )
+            new_tokens, prefixes = repair_unconcluded_answers(
+                self.processor,
+                model_inputs,
+                [item["prompt_text"] for item in meta],
+                new_tokens,
+                lambda inputs: self._generate_new_tokens(inputs, second_pass),
+            )
         items = []
         for row in range(batch):
             span = slice(row * per_input, (row + 1) * per_input)
@@ -305,33 +317,52 @@ class AudioTextToTextPipeline(Pipeline):
             trimmed.append(tokens[:end])
         return trimmed
 
-    def _soundcot_repair(self, model_inputs, meta, new_tokens, per_input, generate_kwargs):
-        """The original's second pass for answers that reason without concluding (see `soundcot_repair_prefix`)."""
-        prefixes = [
-            soundcot_repair_prefix(self.processor.decode_answers([tokens], skip_special_tokens=False, strip=False)[0])
-            for tokens in new_tokens
-        ]
-        todo = [index for index, prefix in enumerate(prefixes) if prefix is not None]
-        if not todo:
-            return new_tokens, prefixes
-        tokenizer = self.processor.tokenizer
-        prompts = [meta[index // per_input]["prompt_text"] + prefixes[index] for index in todo]
-        # The original tokenises the repaired prompt with max_length=1024, truncation on.
-        encoded = tokenizer(prompts, truncation=True, max_length=SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS)
-        padded = tokenizer.pad(encoded, padding_side="left", return_tensors="pt")
-        rows = torch.tensor([index // per_input for index in todo], device=model_inputs["input_features"].device)
-        repair_inputs = {
-            "input_ids": padded["input_ids"].to(model_inputs["input_ids"].device),
-            "attention_mask": padded["attention_mask"].to(model_inputs["input_ids"].device),
-            "input_features": model_inputs["input_features"][rows],
-            "input_features_mask": model_inputs["input_features_mask"][rows],
-        }
-        logger.info(f"SoundCoT: {len(todo)} answer(s) reasoned without a conclusion; generating again.")
-        repaired = self._generate_new_tokens(repair_inputs, {**generate_kwargs, "num_return_sequences": 1})
-        new_tokens = list(new_tokens)
-        for position, index in enumerate(todo):
-            new_tokens[index] = repaired[position]
-        return new_tokens, prefixes
+    # -- inputs that may fail -------------------------------------------------------------------------------------
+    def answer_each(self, inputs, batch_size: int = 1, **kwargs):
+        """
+        Answers a list of inputs (`{"audio": ..., "text": ...}` dicts or chat messages), yielding
+        `(index, records, None)` for each input answered and `(index, None, error)` for each that failed, in input
+        order, as soon as its batch is done. Unlike a pipeline call, one input that cannot be read or generated
+        (an undecodable file, NaN logits) does not lose the others: a batch that fails is run again one input at a
+        time, so every error belongs to its own input. `kwargs` are the call parameters of the pipeline.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+        preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
+        preprocess_params = {**self._preprocess_params, **preprocess_params}
+        forward_params = {**self._forward_params, **forward_params}
+        postprocess_params = {**self._postprocess_params, **postprocess_params}
+        inputs = [Chat(item) if _is_chat(item) else item for item in inputs]
+
+        def run(prepared):
+            """[(index, records, None)] for a batch of preprocessed inputs."""
+            outputs = self.forward(self._collate([encoded for _, encoded in prepared]), **forward_params)
+            return [
+                (index, self.postprocess({"items": [item]}, **postprocess_params), None)
+                for (index, _), item in zip(prepared, outputs["items"])
+            ]
+
+        for start in range(0, len(inputs), batch_size):
+            prepared, failed = [], []
+            for index in range(start, min(start + batch_size, len(inputs))):
+                try:
+                    prepared.append((index, self.preprocess(inputs[index], **preprocess_params)))
+                except Exception as error:  # reported per input; KeyboardInterrupt still stops the run
+                    failed.append((index, None, error))
+            results = list(failed)
+            if prepared:
+                try:
+                    results += run(prepared)
+                except Exception as error:
+                    if len(prepared) == 1:
+                        results.append((prepared[0][0], None, error))
+                    else:
+                        for one in prepared:
+                            try:
+                                results += run([one])
+                            except Exception as single_error:
+                                results.append((one[0], None, single_error))
+            yield from sorted(results, key=lambda result: result[0])
 
     # -- outputs --------------------------------------------------------------------------------------------------
     def postprocess(self, model_outputs, return_tensors=False, soundcot_repair=False):
@@ -380,9 +411,7 @@ def register_pipelines() -> None:
 
 
 __all__ = [
-    "SOUNDCOT_REPAIR_SUFFIX",
     "TASK",
     "AudioTextToTextPipeline",
     "register_pipelines",
-    "soundcot_repair_prefix",
 ]

@@ -1,0 +1,36 @@
+"""Small helpers shared by the command line, the converter and the benchmarks: dtype names."""
+
+from __future__ import annotations
+
+import torch
+
+# The dtypes AF2 runs and stores in, by the names the command line and the configs use.
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+# The canonical names, for argparse choices.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def parse_dtype(name: str | torch.dtype | None, device: torch.device | str | None = None) -> torch.dtype:
+    """
+    A `torch.dtype` from a name in `DTYPES`, a `torch.dtype` (returned as is), `None` (float32), or `"auto"`:
+    bfloat16 on a CUDA `device`, float32 elsewhere.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None:
+        return torch.float32
+    if name == "auto":
+        return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {', '.join(('auto', *DTYPES))}.")
+    return DTYPES[name]
+
+
+__all__ = ["DTYPES", "DTYPE_NAMES", "parse_dtype"]
