@@ -28,7 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P
 from .compat import CACHE_KWARG
-from .pipelines import SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS, soundcot_repair_prefix
+from .soundcot import SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS, soundcot_repair_prefix
 
 DEFAULT_PORT = 7860
 DEFAULT_MAX_NEW_TOKENS = 256
