@@ -64,19 +64,15 @@ def _check_serve_dependencies() -> None:
 
 def resolve_model_path(model: str, original_config: str | None = None) -> str:
     """A converted repository as is; an original-layout checkpoint converted (once, cached) into one."""
-    from .convert import converted_cache_path, is_original_layout
-    from .modeling import AudioFlamingo2ForConditionalGeneration
+    from .convert import cached_conversion, is_original_layout
 
     model = os.path.expanduser(model)
     if not is_original_layout(model):
         if original_config is not None:
             raise ValueError(f"--config is for checkpoints in the original layout; {model} is not one.")
         return model
-    options = {} if original_config is None else {"original_config": original_config}
-    cached = converted_cache_path(model, **options)
-    if not (cached / "config.json").is_file():
-        AudioFlamingo2ForConditionalGeneration.from_pretrained(model, **options)  # converts into the cache
-    return str(cached)
+    options = {} if original_config is None else {"config": original_config}
+    return str(cached_conversion(model, **options))
 
 
 def build_app(
