@@ -197,3 +197,16 @@ def test_encoder_and_decoder_layers_checkpoint_through_transformers():
     # transformers 5.23 renamed it; earlier releases of the supported range have only the old name.
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     assert all(layer.gradient_checkpointing for layer in layers)
+
+
+def test_audio_tower_attention_backend_is_resolved_with_the_model(tmp_path):
+    model = tiny_model()
+    assert model.config.audio_config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path)
+    eager = AudioFlamingo2ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    assert eager.config.audio_config._attn_implementation == "eager"
+    mixed = AudioFlamingo2ForConditionalGeneration.from_pretrained(
+        tmp_path, attn_implementation={"": "sdpa", "audio_config": "eager", "text_config": "sdpa"}
+    )
+    assert mixed.config.audio_config._attn_implementation == "eager"
+    assert mixed.config.text_config._attn_implementation == "sdpa"

@@ -424,7 +424,9 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     config_class = AudioFlamingo2Config
     base_model_prefix = "model"
     input_modalities = ("audio", "text")
+    # Decoder, audio transformer and HTSAT stage layers are `GradientCheckpointingLayer`s.
     supports_gradient_checkpointing = True
+    # Residual blocks that must stay on one device when `device_map` spreads the model.
     _no_split_modules = ["AudioFlamingo2DecoderLayer", "ClapAudioStage", "AudioFlamingo2AudioTransformerLayer"]
     _skip_keys_device_placement = [CACHE_KWARG]
     # Every attention (Qwen2's, the audio transformer's, the cross-attention, the tower's windows) takes SDPA.
@@ -432,10 +434,11 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     # The audio transformer and the cross-attention mask padded audio tokens with a boolean key mask, which the
     # flash-attention kernels (varlen over the query's own sequence) do not take.
     _supports_flash_attn = False
-    # Attention goes through `ALL_ATTENTION_FUNCTIONS`, so registered backends apply.
+    # The language model's, the audio transformer's and the cross-attention go through `ALL_ATTENTION_FUNCTIONS`, so
+    # registered backends apply there (the tower's window attention is SDPA or eager).
     _supports_attention_backend = True
-    # A decoding step compiles as one graph; the prefill with audio does not (per-sample window grouping outside
-    # of tracing), so `generate` must not compile the whole forward.
+    # `generate` compiles the forward by itself only with a static cache, which cannot hold the audio keys/values
+    # (see `_prepare_cache_for_generation`); `torch.compile(model)` and `torch.export` work (tested).
     _can_compile_fullgraph = False
 
     @torch.no_grad()
@@ -517,6 +520,11 @@ class AudioFlamingo2AudioOutput(BaseModelOutputWithPooling):
 class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__(config)
+        # transformers resolves the attention backend of a sub-config when it builds that sub-config's
+        # `PreTrainedModel`; the tower is transformers' `ClapAudioEncoder`, a plain module, so its sub-config gets
+        # the backend resolved for the whole model, unless one was asked for it (`attn_implementation={...}`).
+        if config.audio_config._attn_implementation is None:
+            config.audio_config._attn_implementation = config._attn_implementation
         self.audio_tower = AudioFlamingo2AudioTower(config.audio_config)
         self.audio_transformer = AudioFlamingo2AudioTransformer(config)
         self.language_model = AudioFlamingo2TextModel(config)
@@ -901,6 +909,7 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
 
 
 __all__ = [
+    "AudioFlamingo2AudioOutput",
     "AudioFlamingo2Cache",
     "AudioFlamingo2ForConditionalGeneration",
     "AudioFlamingo2Model",
