@@ -1,0 +1,116 @@
+"""`af2 eval`: the parser and the handler (registered by `transformers_af2.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .tasks import GENERATION_SETTINGS, TASKS
+
+
+def _task_table() -> str:
+    width = max(len(name) for name in TASKS)
+    return "\n".join(
+        f"  {name:<{width}}  {task.description}\n  {'':<{width}}  --data {task.data_hint}"
+        for name, task in TASKS.items()
+    )
+
+
+def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter) -> None:
+    from ..cli import DEFAULT_MODEL, DTYPES, _positive_int
+
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate AF2 on a benchmark (MMAU, ClothoAQA, Clotho/AudioCaps captioning, classification)",
+        formatter_class=formatter_class,
+        description=(
+            "Evaluate Audio Flamingo 2 on a benchmark in its public file format, the way the original evaluation "
+            "does: AF2's prompt for the task, greedy decoding (1 beam, 256 new tokens, stop at eos), the benchmark's "
+            "official scoring. Predictions go to OUTPUT/predictions.jsonl (a re-run resumes), scores to "
+            "OUTPUT/results.json and OUTPUT/results.md.\n\n"
+            f"tasks:\n{_task_table()}\n\n"
+            "examples:\n"
+            "  af2 eval --task mmau --data mmau-test-mini.json --model af2-3b-hf --output runs/mmau\n"
+            "  af2 eval --task clotho_caption --data clotho_captions_evaluation.csv --audio-root evaluation/ \\\n"
+            "      --model nvidia/audio-flamingo-2 --output runs/clotho"
+        ),
+    )
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), metavar="NAME", help="the benchmark")
+    parser.add_argument("--data", required=True, metavar="FILE_OR_DIR", help="the benchmark's file or folder")
+    parser.add_argument("--audio-root", metavar="DIR", help="folder of the audio files (default: per task)")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="converted repository, or original-layout hub id or directory"
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for predictions and results")
+    parser.add_argument(
+        "--prompt", metavar="TEMPLATE", help="replace the task's prompt template ({question}, {options}, ...)"
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="questions per generate call")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=GENERATION_SETTINGS["max_new_tokens"],
+        metavar="N",
+        help="most tokens per answer (the original evaluation: 256)",
+    )
+    parser.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate the first N items only")
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "loop", "caption"),
+        help="caption: af2 caption's engine (audio read ahead in worker processes, batches grouped by length, "
+        "data-parallel under torchrun); loop: a plain batched loop in this process; auto: caption when installed",
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=2, metavar="N", help="caption engine: processes reading audio (0: none)"
+    )
+    parser.add_argument("--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto": GPU when present')
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help='"auto": bfloat16 on GPU, float32 on CPU')
+    parser.set_defaults(handler=run_eval_command)
+
+
+def run_eval_command(args) -> int:
+    import torch
+
+    from ..cli import _resolve_device, _resolve_dtype, load_model_and_processor
+    from .engines import CaptionEngine, LoopEngine, caption_engine_available
+    from .generation import BatchedAnswerGenerator
+    from .runner import run_evaluation
+
+    if args.engine == "caption" and not caption_engine_available():
+        raise ValueError("--engine caption: af2 caption's engine is not installed here; use --engine loop.")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be 0 or more, got {args.num_workers}.")
+    device = _resolve_device(args.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per data-parallel process
+    model, processor = load_model_and_processor(args.model, device=device, dtype=_resolve_dtype(args.dtype, device))
+    settings = {**GENERATION_SETTINGS, "max_new_tokens": args.max_new_tokens}
+    if args.engine == "loop" or (args.engine == "auto" and not caption_engine_available()):
+        engine = LoopEngine(BatchedAnswerGenerator(model, processor, settings))
+    else:
+        engine = CaptionEngine(model, processor, settings, num_workers=args.num_workers)
+
+    def progress(done: int, total: int) -> None:
+        print(f"af2 eval: {done}/{total} answered", file=sys.stderr, flush=True)
+
+    results = run_evaluation(
+        args.task,
+        args.data,
+        args.output,
+        engine,
+        audio_root=args.audio_root,
+        model_name=args.model,
+        prompt_template=args.prompt,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        progress=progress,
+    )
+    if results is None:  # a data-parallel helper process: the main one scores and prints
+        return 0
+    for name, reason in results["skipped"].items():
+        print(f"af2 eval: {name} skipped: {reason}", file=sys.stderr)
+    print((Path(args.output) / "results.md").read_text(encoding="utf-8"), end="")
+    return 0

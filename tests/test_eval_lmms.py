@@ -1,0 +1,130 @@
+"""
+AF2 inside lmms-eval: the real `lmms-eval` command finds `--model af2` through the `lmms_eval.models` entry point and
+runs a tiny local audio task; its answers are AF2's and its score is what they earn.
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("lmms_eval", reason="the lmms-eval plugin needs the [lmms-eval] extra")
+
+from transformers_af2.evaluation import BatchedAnswerGenerator  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TASK_YAML = """\
+task: af2_tiny
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {docs}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_audio
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 4
+  temperature: 0
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: true
+metadata:
+  version: 0.0
+"""
+
+# What lmms-eval's own audio tasks hand the model: a datasets Audio value with "array" and "sampling_rate".
+TASK_UTILS = """\
+import soundfile as sf
+
+
+def doc_to_audio(doc):
+    array, rate = sf.read(doc["audio_path"], dtype="float32")
+    return [{"array": array, "sampling_rate": rate}]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+"""
+
+
+def entry_point_dir(root: Path) -> Path:
+    """A distribution declaring the entry point exactly as pyproject.toml does, for an uninstalled checkout."""
+    info = root / "af2_lmms_entry_point-0.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: af2-lmms-entry-point\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text("[lmms_eval.models]\naf2 = transformers_af2.lmms_eval_af2:model_manifest\n")
+    return root
+
+
+def test_lmms_eval_runs_af2_on_a_local_audio_task(loaded, converted_fixture, tmp_path):
+    _, model, processor = loaded
+    command = shutil.which("lmms-eval", path=str(Path(sys.executable).parent)) or shutil.which("lmms-eval")
+    assert command is not None, "lmms_eval is importable but its lmms-eval command is not installed"
+    task_dir = tmp_path / "task"
+    task_dir.mkdir()
+    clips = []
+    for index, (frequency, rate) in enumerate([(300, 22050), (1200, 22050), (500, 22050)]):
+        t = np.arange(int(1.5 * rate)) / rate
+        path = task_dir / f"clip{index}.wav"
+        sf.write(path, (0.4 * np.sin(2 * np.pi * frequency * t)).astype(np.float32), rate)
+        clips.append(str(path))
+    question = "Is there a tone in this audio?"
+    # AF2's own answers with the task's settings (greedy, 4 tokens): the reference for lmms-eval's.
+    expected = BatchedAnswerGenerator(model, processor, {"do_sample": False, "num_beams": 1, "max_new_tokens": 4})(
+        clips, [question] * len(clips)
+    )
+    # Targets: AF2's answer for the first two clips, a wrong one for the third -> exact_match 2/3.
+    targets = [expected[0], expected[1], expected[2] + " never"]
+    with open(task_dir / "docs.jsonl", "w") as handle:
+        for index, (clip, target) in enumerate(zip(clips, targets)):
+            handle.write(json.dumps({"id": index, "audio_path": clip, "question": question, "answer": target}) + "\n")
+    (task_dir / "af2_tiny.yaml").write_text(TASK_YAML.format(docs=task_dir / "docs.jsonl"))
+    (task_dir / "utils.py").write_text(TASK_UTILS)
+
+    python_path = [str(REPO_ROOT / "src"), str(entry_point_dir(tmp_path / "entry_points"))]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(python_path + [os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"),
+    }
+    result = subprocess.run(
+        [command, "--model", "af2", "--model_args", f"pretrained={converted_fixture.repo},device=cpu"]
+        + ["--tasks", "af2_tiny", "--include_path", str(task_dir), "--batch_size", "2"]
+        + ["--output_path", str(tmp_path / "out"), "--log_samples"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [results_file] = glob.glob(str(tmp_path / "out" / "*" / "*_results.json"))
+    [samples_file] = glob.glob(str(tmp_path / "out" / "*" / "*_samples_af2_tiny.jsonl"))
+    samples = sorted(map(json.loads, Path(samples_file).read_text().splitlines()), key=lambda s: s["doc_id"])
+    assert [s["filtered_resps"] for s in samples] == expected
+    assert [s["input"] for s in samples] == [question] * 3
+    score = json.loads(Path(results_file).read_text())["results"]["af2_tiny"]["exact_match,none"]
+    assert score == pytest.approx(2 / 3)
+
+
+def test_unknown_model_args_are_refused(converted_fixture):
+    from transformers_af2.lmms_eval_af2 import AudioFlamingo2LmmsEval, model_manifest
+
+    assert model_manifest().model_id == "af2"
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['temperature'\]"):
+        AudioFlamingo2LmmsEval(pretrained=str(converted_fixture.repo), device="cpu", temperature="0.7")
