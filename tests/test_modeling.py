@@ -108,14 +108,14 @@ def test_windows_per_tower_call_changes_nothing_but_the_calls():
     model.model.audio_tower.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     features, features_mask = random_audio_inputs([3, 1, 2])
     with torch.no_grad():
-        one_by_one, token_mask = model.get_audio_features(features, features_mask)
+        one_by_one = model.get_audio_features(features, features_mask)
         assert calls == [1] * 6
-        together, token_mask_together = model.get_audio_features(features, features_mask, windows_per_tower_call=6)
+        together = model.get_audio_features(features, features_mask, windows_per_tower_call=6)
         assert calls[6:] == [6]
         model.get_audio_features(features, features_mask, windows_per_tower_call=4)
         assert calls[7:] == [4, 2]
-    assert torch.equal(token_mask, token_mask_together)
-    torch.testing.assert_close(one_by_one, together, atol=1e-5, rtol=0)
+    assert torch.equal(one_by_one.audio_attention_mask, together.audio_attention_mask)
+    torch.testing.assert_close(one_by_one.last_hidden_state, together.last_hidden_state, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="windows_per_tower_call"):
         model.get_audio_features(features, features_mask, windows_per_tower_call=0)
 
@@ -128,7 +128,8 @@ def test_audio_transformer_skips_batch_padding_without_changing_real_tokens():
     calls = []
     model.model.audio_transformer.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[:2]))
     with torch.no_grad():
-        audio_embeds, token_mask = model.get_audio_features(features, features_mask)
+        audio = model.get_audio_features(features, features_mask)
+        audio_embeds, token_mask = audio.last_hidden_state, audio.audio_attention_mask
         tokens = audio_embeds.shape[1] // 3
         # samples of equal length share one call: lengths 1, 2 and 3 windows
         assert calls == [(1, tokens), (1, 2 * tokens), (2, 3 * tokens)]
@@ -137,7 +138,7 @@ def test_audio_transformer_skips_batch_padding_without_changing_real_tokens():
             for b in range(4)
         ]).reshape(4, 3 * tokens, -1)  # fmt: skip
         window_tokens = window_tokens * token_mask[..., None]
-        padded_batch = model.model.audio_transformer(window_tokens, token_mask)
+        padded_batch = model.model.audio_transformer(window_tokens, token_mask).last_hidden_state
     torch.testing.assert_close(audio_embeds[token_mask], padded_batch[token_mask], atol=1e-5, rtol=0)
     assert torch.count_nonzero(audio_embeds[~token_mask]) == 0
 

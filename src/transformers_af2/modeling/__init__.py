@@ -1,5 +1,6 @@
 from .configuration_audioflamingo2 import AudioFlamingo2Config
 from .modeling_audioflamingo2 import (
+    AudioFlamingo2AudioOutput,
     AudioFlamingo2Cache,
     AudioFlamingo2ForConditionalGeneration,
     AudioFlamingo2Model,
@@ -7,6 +8,7 @@ from .modeling_audioflamingo2 import (
 )
 
 __all__ = [
+    "AudioFlamingo2AudioOutput",
     "AudioFlamingo2Cache",
     "AudioFlamingo2Config",
     "AudioFlamingo2ForConditionalGeneration",

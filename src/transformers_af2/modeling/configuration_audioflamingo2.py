@@ -89,7 +89,8 @@ class AudioFlamingo2Config(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.cross_attention_layers is None:
+        # Below 1 there are no layers to derive; `validate_architecture` (run after this) reports the value.
+        if self.cross_attention_layers is None and self.cross_attention_every_n_layers >= 1:
             num_layers = self.text_config.num_hidden_layers
             every = self.cross_attention_every_n_layers
             self.cross_attention_layers = [i for i in range(num_layers) if (i + 1) % every == 0]
@@ -114,15 +115,16 @@ class AudioFlamingo2Config(PreTrainedConfig):
                 f"audio_transformer_rotary_dim={rotary_dim} must be even and at most the audio transformer's head "
                 f"width {head_dim} (audio width {audio_dim} / {self.audio_transformer_num_heads} heads)."
             )
+        if self.cross_attention_every_n_layers < 1:
+            raise ValueError(
+                f"cross_attention_every_n_layers must be >= 1, got {self.cross_attention_every_n_layers}: it places "
+                "a cross-attention block before every n-th decoder layer (or give `cross_attention_layers`)."
+            )
         num_layers = self.text_config.num_hidden_layers
         bad = [i for i in self.cross_attention_layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(
                 f"cross_attention_layers has indices {bad} outside the language model's {num_layers} layers."
-            )
-        if self.cross_attention_every_n_layers < 1:
-            raise ValueError(
-                f"cross_attention_every_n_layers must be >= 1, got {self.cross_attention_every_n_layers}."
             )
 
     @property

@@ -14,11 +14,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from transformers import ClapAudioConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clap.modeling_clap import ClapAudioAttention, ClapAudioEncoder, ClapAudioSelfAttention
 from transformers.models.qwen2.modeling_qwen2 import (
@@ -28,7 +34,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2RMSNorm,
     Qwen2RotaryEmbedding,
 )
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
 from ..compat import CACHE_KWARG, pop_cache
 from .configuration_audioflamingo2 import AudioFlamingo2Config
@@ -39,7 +45,8 @@ logger = logging.get_logger(__name__)
 class AudioFlamingo2Cache(DynamicCache):
     """
     A `DynamicCache` for the language model's self-attention that also holds, per cross-attention layer, the audio
-    keys/values and the audio token mask.
+    keys/values and the audio token mask. Takes `DynamicCache`'s arguments: `offloading=True` is what `generate`'s
+    `cache_implementation="offloaded"` gives.
 
     The audio tokens do not change while a sequence is decoded, so their keys/values are projected once (at the
     first forward of a `generate` call) and read back at every later step. They follow every batch operation of the
@@ -118,25 +125,35 @@ class AudioFlamingo2WindowAttention(ClapAudioSelfAttention):
         return (output.reshape(batch, tokens, self.all_head_size),)
 
 
-def build_audio_tower(config: ClapAudioConfig) -> ClapAudioEncoder:
-    """transformers' `ClapAudioEncoder` with its window attention computed through SDPA (same weights)."""
-    tower = ClapAudioEncoder(config)
-    for module in tower.modules():
-        if isinstance(module, ClapAudioAttention):
-            old = module.self
-            module.self = AudioFlamingo2WindowAttention(
-                config, old.all_head_size, old.num_attention_heads, old.window_size
-            )
-    return tower
+class AudioFlamingo2AudioTower(ClapAudioEncoder):
+    """transformers' `ClapAudioEncoder` (same modules, same weight names) with its window attention computed
+    through SDPA; `audio_config._attn_implementation` chooses between SDPA and the parent's eager path."""
+
+    # Read by attention dispatch checks, as on a `PreTrainedModel`: the window attention runs through SDPA.
+    _supports_sdpa = True
+
+    def __init__(self, config: ClapAudioConfig):
+        super().__init__(config)
+        for module in self.modules():
+            if isinstance(module, ClapAudioAttention):
+                old = module.self
+                module.self = AudioFlamingo2WindowAttention(
+                    config, old.all_head_size, old.num_attention_heads, old.window_size
+                )
 
 
 class AudioFlamingo2AudioRotaryEmbedding(nn.Module):
-    """Rotary frequencies of the audio transformer, applied to the first `rotary_dim` dims of each head."""
+    """
+    Rotary frequencies of the audio transformer, applied to the first `rotary_dim` dims of each head.
 
-    def __init__(self, config: AudioFlamingo2Config):
+    Plain default RoPE over window-token positions. It takes its two numbers as arguments rather than a config:
+    it is not one of transformers' config-driven rotary layers (no `rope_parameters`, no scaling variants).
+    """
+
+    def __init__(self, rotary_dim: int, base: float):
         super().__init__()
-        self.rotary_dim = config.audio_transformer_rotary_dim
-        self.base = config.audio_transformer_rope_theta
+        self.rotary_dim = rotary_dim
+        self.base = base
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
     def compute_inv_freq(self, device=None) -> torch.Tensor:
@@ -185,12 +202,13 @@ def eager_masked_attention(
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-def audio_attention(module, config, query, key, value, key_mask) -> torch.Tensor:
+def audio_attention(module, config, query, key, value, key_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Non-causal attention of `query` over all `key`s allowed by `key_mask` (B, 1, 1, N) through the attention
-    backend chosen in `config` (eager, sdpa, ...). Returns (B, L, heads * head_dim)."""
+    backend chosen in `config` (eager, sdpa, ...). Returns (B, L, heads * head_dim) and the attention weights
+    (B, heads, L, N) where the backend gives them (eager)."""
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_masked_attention)
-    output, _ = interface(module, query, key, value, key_mask, scaling=query.shape[-1] ** -0.5, dropout=0.0)
-    return output.reshape(*output.shape[:2], -1)
+    output, weights = interface(module, query, key, value, key_mask, scaling=query.shape[-1] ** -0.5, dropout=0.0)
+    return output.reshape(*output.shape[:2], -1), weights
 
 
 class AudioFlamingo2AudioSelfAttention(nn.Module):
@@ -213,8 +231,9 @@ class AudioFlamingo2AudioSelfAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        """hidden_states (B, N, D); attention_mask (B, 1, 1, N) bool, True where a key may be attended to."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states (B, N, D); attention_mask (B, 1, 1, N) bool, True where a key may be attended to.
+        Returns the output (B, N, D) and the attention weights (eager backend only, else None)."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -223,10 +242,11 @@ class AudioFlamingo2AudioSelfAttention(nn.Module):
         cos, sin = rotary
         query = apply_partial_rotary(query, cos, sin)
         key = apply_partial_rotary(key, cos, sin)
-        return self.o_proj(audio_attention(self, self.config, query, key, value, attention_mask))
+        output, weights = audio_attention(self, self.config, query, key, value, attention_mask)
+        return self.o_proj(output), weights
 
 
-class AudioFlamingo2AudioTransformerLayer(nn.Module):
+class AudioFlamingo2AudioTransformerLayer(GradientCheckpointingLayer):
     """Post-norm encoder layer: attention + residual -> LayerNorm, ReLU FFN + residual -> LayerNorm."""
 
     def __init__(self, config: AudioFlamingo2Config):
@@ -239,12 +259,12 @@ class AudioFlamingo2AudioTransformerLayer(nn.Module):
         self.fc2 = nn.Linear(config.audio_transformer_intermediate_size, dim)
         self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, hidden_states, attention_mask, rotary):
-        hidden_states = self.self_attn_layer_norm(
-            hidden_states + self.self_attn(hidden_states, attention_mask, rotary)
-        )
+    def forward(self, hidden_states, attention_mask, rotary) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the layer's output (B, N, D) and its attention weights (eager backend only, else None)."""
+        attention, weights = self.self_attn(hidden_states, attention_mask, rotary)
+        hidden_states = self.self_attn_layer_norm(hidden_states + attention)
         feed_forward = self.fc2(F.relu(self.fc1(hidden_states)))
-        return self.final_layer_norm(hidden_states + feed_forward)
+        return self.final_layer_norm(hidden_states + feed_forward), weights
 
 
 class AudioFlamingo2AudioTransformer(nn.Module):
@@ -258,25 +278,36 @@ class AudioFlamingo2AudioTransformer(nn.Module):
         dim = config.audio_hidden_size
         self.embed_scale = dim**0.5
         self.layer_norm = nn.LayerNorm(dim, eps=config.audio_transformer_layer_norm_eps)
-        self.rotary_emb = AudioFlamingo2AudioRotaryEmbedding(config)
+        self.rotary_emb = AudioFlamingo2AudioRotaryEmbedding(
+            config.audio_transformer_rotary_dim, config.audio_transformer_rope_theta
+        )
         self.layers = nn.ModuleList(
             [AudioFlamingo2AudioTransformerLayer(config) for _ in range(config.audio_transformer_num_layers)]
         )
-        self.gradient_checkpointing = False
 
-    def forward(self, audio_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """audio_embeds (B, N, D); attention_mask (B, N) bool. Returns (B, N, D)."""
+    def forward(
+        self,
+        audio_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutput:
+        """audio_embeds (B, N, D); attention_mask (B, N) bool. `last_hidden_state` is (B, N, D); `hidden_states`
+        (the normalised input, then each layer's output) and `attentions` (eager backend) when requested."""
         hidden_states = self.layer_norm(audio_embeds * self.embed_scale)
         rotary = self.rotary_emb(hidden_states.shape[1], hidden_states.device)
         key_mask = attention_mask[:, None, None, :]
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                hidden_states = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, key_mask, rotary, use_reentrant=False
-                )
-            else:
-                hidden_states = layer(hidden_states, key_mask, rotary)
-        return hidden_states
+            hidden_states, weights = layer(hidden_states, key_mask, rotary)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
 
 
 class AudioFlamingo2GatedCrossAttention(nn.Module):
@@ -316,7 +347,13 @@ class AudioFlamingo2GatedCrossAttention(nn.Module):
         tensor can be padding, and this projection runs in every layer. Padded positions get zero keys/values
         (the attention mask excludes them)."""
         batch, length, _ = audio_embeds.shape
-        if audio_mask is None or bool(audio_mask.all()):
+        if audio_mask is None:
+            projected = self.kv_proj(audio_embeds)
+        elif torch.compiler.is_compiling():
+            # Traced graphs (torch.export, torch.compile) cannot branch on the mask's values nor select a
+            # data-dependent number of rows: project every token and zero the padded ones.
+            projected = self.kv_proj(audio_embeds) * audio_mask[..., None].to(audio_embeds.dtype)
+        elif bool(audio_mask.all()):
             projected = self.kv_proj(audio_embeds)
         else:
             valid = self.kv_proj(audio_embeds[audio_mask])
@@ -337,7 +374,8 @@ class AudioFlamingo2GatedCrossAttention(nn.Module):
         query = self.q_proj(self.norm(hidden_states))
         query = query.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         key_mask = audio_mask[:, None, None, :]
-        attn = self.o_proj(audio_attention(self, self.text_config, query, audio_keys, audio_values, key_mask))
+        attn, _ = audio_attention(self, self.text_config, query, audio_keys, audio_values, key_mask)
+        attn = self.o_proj(attn)
         hidden_states = hidden_states + self.attn_gate.tanh() * attn
         feed_forward = self.ff_down(F.gelu(self.ff_up(self.ff_norm(hidden_states))))
         return hidden_states + self.ff_gate.tanh() * feed_forward
@@ -385,28 +423,56 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     config_class = AudioFlamingo2Config
     base_model_prefix = "model"
     input_modalities = ("audio", "text")
+    # Decoder, audio transformer and HTSAT stage layers are `GradientCheckpointingLayer`s.
     supports_gradient_checkpointing = True
+    # Residual blocks that must stay on one device when `device_map` spreads the model.
     _no_split_modules = ["AudioFlamingo2DecoderLayer", "ClapAudioStage", "AudioFlamingo2AudioTransformerLayer"]
     _skip_keys_device_placement = [CACHE_KWARG]
+    # Every attention (Qwen2's, the audio transformer's, the cross-attention, the tower's windows) takes SDPA.
     _supports_sdpa = True
+    # The audio transformer and the cross-attention mask padded audio tokens with a boolean key mask, which the
+    # flash-attention kernels (varlen over the query's own sequence) do not take.
     _supports_flash_attn = False
+    # The language model's, the audio transformer's and the cross-attention go through `ALL_ATTENTION_FUNCTIONS`, so
+    # registered backends apply there (the tower's window attention is SDPA or eager).
     _supports_attention_backend = True
+    # `generate` compiles the forward by itself only with a static cache, which cannot hold the audio keys/values
+    # (see `_prepare_cache_for_generation`); `torch.compile(model)` and `torch.export` work (tested).
     _can_compile_fullgraph = False
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, AudioFlamingo2GatedCrossAttention):
-            # Zero gates: a freshly initialised block leaves the language model's output unchanged.
-            module.attn_gate.zero_()
-            module.ff_gate.zero_()
-        elif isinstance(module, AudioFlamingo2AudioRotaryEmbedding):
-            module.inv_freq.copy_(module.compute_inv_freq(module.inv_freq.device))
+        init_audioflamingo2_module(module)
+
+
+def init_audioflamingo2_module(module: nn.Module) -> None:
+    """
+    Initialises what `PreTrainedModel._init_weights` does not know: the gates, the audio rotary frequencies and the
+    HTSAT tower's relative-position tables. Through transformers' `initialization` helpers, so a model built on the
+    meta device, or a checkpoint that lacks some of these, ends with real values rather than empty memory.
+    """
+    if isinstance(module, AudioFlamingo2GatedCrossAttention):
+        # Zero gates: a freshly initialised block leaves the language model's output unchanged.
+        init.zeros_(module.attn_gate)
+        init.zeros_(module.ff_gate)
+    elif isinstance(module, AudioFlamingo2AudioRotaryEmbedding):
+        init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
+    elif isinstance(module, ClapAudioSelfAttention):
+        # As transformers' CLAP initialises them.
+        init.zeros_(module.relative_position_bias_table)
+        init.copy_(module.relative_position_index, module.create_relative_position_index())
 
 
 class AudioFlamingo2TextModel(Qwen2Model):
     """Qwen2Model whose decoder layers carry AF2's gated cross-attention; its forward is Qwen2Model's own, which
     passes `audio_embeds` / `audio_attention_mask` keyword arguments through to every layer."""
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # A sub-model initialises its own modules, the cross-attention blocks included.
+        super()._init_weights(module)
+        init_audioflamingo2_module(module)
 
     def __init__(self, config: AudioFlamingo2Config):
         text_config = config.text_config
@@ -438,10 +504,27 @@ class AudioFlamingo2CausalLMOutputWithPast(CausalLMOutputWithPast):
     audio_embeds: torch.Tensor | None = None
 
 
+@dataclass
+class AudioFlamingo2AudioOutput(BaseModelOutputWithPooling):
+    """
+    What `get_audio_features` returns. `last_hidden_state` (B, windows * tokens_per_window, D_audio): the audio
+    tokens the language model attends to (zeros for padded windows); `audio_attention_mask` (B, windows *
+    tokens_per_window) bool, True for tokens of real windows; `hidden_states` / `attentions`: the audio
+    transformer's, when requested. `pooler_output` is unused: AF2 attends to every audio token.
+    """
+
+    audio_attention_mask: torch.Tensor | None = None
+
+
 class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__(config)
-        self.audio_tower = build_audio_tower(config.audio_config)
+        # transformers resolves the attention backend of a sub-config when it builds that sub-config's
+        # `PreTrainedModel`; the tower is transformers' `ClapAudioEncoder`, a plain module, so its sub-config gets
+        # the backend resolved for the whole model, unless one was asked for it (`attn_implementation={...}`).
+        if config.audio_config._attn_implementation is None:
+            config.audio_config._attn_implementation = config._attn_implementation
+        self.audio_tower = AudioFlamingo2AudioTower(config.audio_config)
         self.audio_transformer = AudioFlamingo2AudioTransformer(config)
         self.language_model = AudioFlamingo2TextModel(config)
         self.post_init()
@@ -473,6 +556,9 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
                     f"input_features_mask must have shape (batch, windows) = {tuple(input_features.shape[:2])}; got "
                     f"{tuple(input_features_mask.shape)}."
                 )
+            # Reading the mask's values is a data-dependent branch that traced graphs cannot hold.
+            if torch.compiler.is_compiling():
+                return
             empty = (~input_features_mask.bool()).all(dim=1).nonzero().flatten().tolist()
             if empty:
                 raise ValueError(
@@ -480,12 +566,15 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
                     "at least one audio window."
                 )
 
+    @can_return_tuple
     def get_audio_features(
         self,
         input_features: torch.Tensor,
         input_features_mask: torch.Tensor | None = None,
         windows_per_tower_call: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> AudioFlamingo2AudioOutput:
         """
         Encodes audio windows into the tokens the language model attends to.
 
@@ -496,11 +585,19 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
                 accelerators. Results do not depend on it (each window is encoded independently); on CPU one
                 window at a time is both the fastest (the activations of one window stay in cache) and keeps the
                 peak memory of a 120 s input ~0.8 GB lower than encoding all 12 windows together.
+            output_hidden_states, output_attentions: return the audio transformer's hidden states / attention
+                weights (the latter with the eager backend); default from the config.
+            return_dict: `False` gives the output's fields as a tuple; default from the config.
 
         Returns:
-            `audio_embeds` `(batch, windows * tokens_per_window, D)` and the token mask `(batch, windows *
-            tokens_per_window)` (bool). Tokens of padded windows are zeros.
+            [`AudioFlamingo2AudioOutput`]: `last_hidden_state` `(batch, windows * tokens_per_window, D)`, the audio
+            embeddings (tokens of padded windows are zeros), and `audio_attention_mask` `(batch, windows *
+            tokens_per_window)` (bool).
         """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         self._check_audio_inputs(input_features, input_features_mask)
         batch, windows = input_features.shape[:2]
         if input_features_mask is None:
@@ -509,53 +606,88 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
             window_mask = input_features_mask.to(device=input_features.device, dtype=torch.bool)
         tower_dtype = self.audio_tower.norm.weight.dtype
         tower_device = self.audio_tower.norm.weight.device
-        valid_windows = input_features[window_mask].to(
-            device=tower_device, dtype=tower_dtype
-        )  # (n_valid, frames, mels)
+        tracing = torch.compiler.is_compiling()
+        # Only the real windows are encoded, (n_valid, frames, mels). A traced graph cannot select a data-dependent
+        # number of windows: it encodes all of them, padding included (each window is encoded on its own, so the
+        # real windows' tokens are the same).
+        encoded_windows = input_features.flatten(0, 1) if tracing else input_features[window_mask]
+        encoded_windows = encoded_windows.to(device=tower_device, dtype=tower_dtype)
         if windows_per_tower_call is None:
-            windows_per_tower_call = 1 if tower_device.type == "cpu" else valid_windows.shape[0]
+            windows_per_tower_call = 1 if tower_device.type == "cpu" else encoded_windows.shape[0]
         if windows_per_tower_call < 1:
             raise ValueError(f"windows_per_tower_call must be >= 1; got {windows_per_tower_call}.")
         # The tower expects (n, channels, frames, mels); AF2 uses the single-channel ("not longer") path.
         tower_out = torch.cat(
             [
                 self.audio_tower(chunk.unsqueeze(1)).last_hidden_state  # (n, D, F', T')
-                for chunk in valid_windows.split(windows_per_tower_call)
+                for chunk in encoded_windows.split(windows_per_tower_call)
             ]
         )
-        window_tokens = tower_out.flatten(2).transpose(1, 2)  # (n_valid, tokens_per_window, D)
+        window_tokens = tower_out.flatten(2).transpose(1, 2)  # (n, tokens_per_window, D)
         tokens_per_window, dim = window_tokens.shape[1:]
         window_mask = window_mask.to(window_tokens.device)
-        all_windows = window_tokens.new_zeros(batch, windows, tokens_per_window, dim)
-        all_windows[window_mask] = window_tokens
+        if tracing:
+            all_windows = window_tokens.view(batch, windows, tokens_per_window, dim)
+            all_windows = all_windows * window_mask[:, :, None, None].to(all_windows.dtype)
+        else:
+            all_windows = window_tokens.new_zeros(batch, windows, tokens_per_window, dim)
+            all_windows[window_mask] = window_tokens
         token_mask = window_mask.repeat_interleave(tokens_per_window, dim=1)
-        audio_embeds = self._encode_window_tokens(all_windows, window_mask, token_mask)
-        return audio_embeds, token_mask
+        encoded = self._encode_window_tokens(
+            all_windows, window_mask, token_mask, output_hidden_states, output_attentions
+        )
+        return AudioFlamingo2AudioOutput(
+            last_hidden_state=encoded.last_hidden_state,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+            audio_attention_mask=token_mask,
+        )
 
     def _encode_window_tokens(
-        self, all_windows: torch.Tensor, window_mask: torch.Tensor, token_mask: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        all_windows: torch.Tensor,
+        window_mask: torch.Tensor,
+        token_mask: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutput:
         """
         Runs the audio transformer over each sample's windows up to its last real one; samples of equal length
         share a call. Trailing batch padding is never computed (in a batch of 10 s and 120 s clips it is most of
         the tensor); the real tokens' results are the same as over the padded batch, since padded keys are masked
         and rotary positions count from each sample's first window. Positions past a sample's length stay zero.
+
+        Hidden states or attention weights, when requested, come from one call over the whole padded batch, so
+        that they have one shape; so does a traced graph (torch.export, torch.compile), which cannot group
+        samples by their lengths, with the positions past each sample's length set to zero afterwards.
         """
         batch, windows, tokens_per_window, dim = all_windows.shape
         positions = torch.arange(1, windows + 1, device=window_mask.device)
-        lengths = (window_mask * positions).amax(dim=1).tolist()  # windows up to the last real one, per sample
+        lengths = (window_mask * positions).amax(dim=1)  # windows up to the last real one, per sample
+        if output_hidden_states or output_attentions or torch.compiler.is_compiling():
+            encoded = self.audio_transformer(
+                all_windows.reshape(batch, windows * tokens_per_window, dim),
+                token_mask,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+            )
+            within_length = (positions[None, :] <= lengths[:, None]).repeat_interleave(tokens_per_window, dim=1)
+            encoded.last_hidden_state = encoded.last_hidden_state * within_length[..., None].to(all_windows.dtype)
+            return encoded
+        lengths = lengths.tolist()
         if all(length == windows for length in lengths):
-            return self.audio_transformer(all_windows.view(batch, windows * tokens_per_window, dim), token_mask)
+            return self.audio_transformer(all_windows.reshape(batch, windows * tokens_per_window, dim), token_mask)
         audio_embeds = all_windows.new_zeros(batch, windows * tokens_per_window, dim)
         for length in sorted(set(lengths)):
             rows = torch.tensor([i for i, n in enumerate(lengths) if n == length], device=all_windows.device)
             tokens = length * tokens_per_window
             encoded = self.audio_transformer(
                 all_windows[rows, :length].reshape(len(rows), tokens, dim), token_mask[rows, :tokens]
-            )
+            ).last_hidden_state
             audio_embeds[rows, :tokens] = encoded
-        return audio_embeds
+        return BaseModelOutput(last_hidden_state=audio_embeds)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -574,7 +706,8 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
         cache = pop_cache(kwargs)
         audio_embeds = audio_attention_mask = None
         if input_features is not None:
-            audio_embeds, audio_attention_mask = self.get_audio_features(input_features, input_features_mask)
+            audio = self.get_audio_features(input_features, input_features_mask, return_dict=True)
+            audio_embeds, audio_attention_mask = audio.last_hidden_state, audio.audio_attention_mask
             batch = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
             if audio_embeds.shape[0] != batch:
                 raise ValueError(
@@ -599,6 +732,7 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
             use_cache=use_cache,
             audio_embeds=audio_embeds,
             audio_attention_mask=audio_attention_mask,
+            return_dict=True,
             **{CACHE_KWARG: cache},
             **kwargs,
         )
@@ -627,6 +761,9 @@ def _copy_integer_buffers(model: nn.Module) -> None:
 
 class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # As Qwen2ForCausalLM's: the head is sharded by vocabulary and the logits gathered. The released checkpoints tie
+    # it to the embedding, which the text config's plan shards too, so it needs its own entry.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__(config)
@@ -646,10 +783,11 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def get_audio_features(self, input_features, input_features_mask=None, windows_per_tower_call=None):
+    def get_audio_features(self, input_features, input_features_mask=None, **kwargs) -> AudioFlamingo2AudioOutput:
         """See [`AudioFlamingo2Model.get_audio_features`]."""
-        return self.model.get_audio_features(input_features, input_features_mask, windows_per_tower_call)
+        return self.model.get_audio_features(input_features, input_features_mask, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -681,6 +819,7 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -714,14 +853,36 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         return loaded
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        user_cache = model_kwargs.get(CACHE_KWARG)
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get(CACHE_KWARG)
-        # generate() builds a plain DynamicCache; AF2 needs the variant that also carries the audio keys/values.
-        if type(cache) is DynamicCache and cache.get_seq_length() == 0:
-            model_kwargs[CACHE_KWARG] = AudioFlamingo2Cache(config=self.config.get_text_config(decoder=True))
+        if user_cache is None and type(cache) is DynamicCache:
+            # generate() built a DynamicCache (cache_implementation "dynamic" or "offloaded"); AF2 needs the variant
+            # that also carries the audio keys/values, built the same way (offloading included).
+            model_kwargs[CACHE_KWARG] = AudioFlamingo2Cache(
+                config=self.config.get_text_config(decoder=True),
+                offloading=cache.offloading,
+                offload_only_non_sliding=getattr(cache, "only_non_sliding", False),
+            )
+        elif (
+            cache is not None
+            and not isinstance(cache, AudioFlamingo2Cache)
+            and model_kwargs.get("input_features") is not None
+        ):
+            kind = (
+                f"the {type(cache).__name__} passed as `{CACHE_KWARG}`"
+                if user_cache is not None
+                else f"cache_implementation={generation_config.cache_implementation!r} (a {type(cache).__name__})"
+            )
+            raise ValueError(
+                f"AudioFlamingo2 keeps the audio keys/values in an AudioFlamingo2Cache, and {kind} cannot hold them. "
+                "Generate with cache_implementation='dynamic' (the default) or 'offloaded', or pass an "
+                f"AudioFlamingo2Cache as `{CACHE_KWARG}`."
+            )
 
 
 __all__ = [
+    "AudioFlamingo2AudioOutput",
     "AudioFlamingo2Cache",
     "AudioFlamingo2ForConditionalGeneration",
     "AudioFlamingo2Model",
