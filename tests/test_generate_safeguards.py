@@ -11,23 +11,11 @@ from transformers_af2.generation_utils import (
     NonFiniteLogitsCheck,
     NonFiniteLogitsError,
     generate_kwargs_honouring_max_length,
-    honour_max_length,
     with_non_finite_check,
 )
 
 # Two prompts of the same length; token 50 appears in the second only.
 PROMPTS = torch.tensor([[95, 10, 11, 12], [95, 10, 50, 12]])
-
-
-class HookedAF2(AudioFlamingo2ForConditionalGeneration):
-    """The model class with the two generation hooks proposed for it (see generation_utils)."""
-
-    def _prepare_generation_config(self, generation_config=None, **kwargs):
-        prepared, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
-        return honour_max_length(prepared, generation_config, kwargs), model_kwargs
-
-    def _get_logits_processor(self, *args, **kwargs):
-        return with_non_finite_check(super()._get_logits_processor(*args, **kwargs))
 
 
 def _inputs(rows=2):
@@ -142,7 +130,7 @@ def test_model_hook_checks_every_generate_call():
 
 def _hooked():
     plain = tiny_model()
-    model = HookedAF2(tiny_config()).eval()
+    model = AudioFlamingo2ForConditionalGeneration(tiny_config()).eval()
     model.load_state_dict(plain.state_dict())
     return model
 
@@ -193,3 +181,23 @@ def test_generate_kwargs_honouring_max_length():
     with torch.no_grad():
         assert model.generate(**_inputs(), **kwargs).shape[1] == 7
         assert model.generate(**_inputs(), max_length=6, max_new_tokens=None).shape[1] == 6
+
+
+def test_loading_non_finite_weights_is_an_error_naming_them(tmp_path):
+    """A saved model with NaN/inf weights is refused at load with the tensors' names (conversion refuses them too)."""
+    model = tiny_model()
+    layer = next(layer for layer in model.model.language_model.layers if layer.cross_attn is not None)
+    with torch.no_grad():
+        layer.cross_attn.q_proj.weight[0, 0] = float("nan")
+        model.model.audio_transformer.layers[0].fc1.weight[1, 2] = float("inf")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"2 weight tensor\(s\) hold NaN or inf") as error:
+        AudioFlamingo2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert "cross_attn.q_proj.weight" in str(error.value) and "audio_transformer.layers.0.fc1.weight" in str(
+        error.value
+    )
+    with torch.no_grad():
+        layer.cross_attn.q_proj.weight[0, 0] = 0.0
+        model.model.audio_transformer.layers[0].fc1.weight[1, 2] = 0.0
+    model.save_pretrained(tmp_path)
+    AudioFlamingo2ForConditionalGeneration.from_pretrained(tmp_path)  # finite again: loads

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelF
 
 from . import hub_ids
 from .modeling import (
+    AudioFlamingo2AudioOutput,
     AudioFlamingo2Cache,
     AudioFlamingo2Config,
     AudioFlamingo2ForConditionalGeneration,
@@ -32,6 +33,7 @@ register_pipelines()
 hub_ids.install()
 
 __all__ = [
+    "AudioFlamingo2AudioOutput",
     "AudioFlamingo2Cache",
     "AudioFlamingo2Config",
     "AudioFlamingo2FeatureExtractor",

@@ -37,6 +37,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from transformers.utils import can_return_tuple, logging
 
 from ..compat import CACHE_KWARG, pop_cache
+from ..generation_utils import honour_max_length, with_non_finite_check
 from .configuration_audioflamingo2 import AudioFlamingo2Config
 
 logger = logging.get_logger(__name__)
@@ -759,6 +760,26 @@ def _copy_integer_buffers(model: nn.Module) -> None:
                 module._buffers[name] = buffer.clone()
 
 
+def _check_finite_weights(model: nn.Module, source) -> None:
+    """
+    A checkpoint with NaN or inf weights answers garbage (greedy decoding repeats token 0) without any error: refuse
+    it at load, naming the tensors. Checked in slices so the check itself needs little memory.
+    """
+    bad = []
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point() or tensor.device.type == "meta":
+                continue
+            flat = tensor.reshape(-1)
+            if not all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 24)):
+                bad.append(name)
+    if bad:
+        raise ValueError(
+            f"{source}: {len(bad)} weight tensor(s) hold NaN or inf values: {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}. The checkpoint is corrupt or was saved after a diverged training run."
+        )
+
+
 class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     # As Qwen2ForCausalLM's: the head is sharded by vocabulary and the logits gathered. The released checkpoints tie
@@ -850,7 +871,17 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on request
         _copy_integer_buffers(model)
+        _check_finite_weights(model, pretrained_model_name_or_path)
         return loaded
+
+    def _prepare_generation_config(self, generation_config=None, **kwargs):
+        # A user's `max_length` wins over the `max_new_tokens` that converted checkpoints' generation configs pin.
+        prepared, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        return honour_max_length(prepared, generation_config, kwargs), model_kwargs
+
+    def _get_logits_processor(self, *args, **kwargs):
+        # NaN/inf logits raise naming the batch row, instead of greedy answering token 0 ("!!!!") as if all were fine.
+        return with_non_finite_check(super()._get_logits_processor(*args, **kwargs))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         user_cache = model_kwargs.get(CACHE_KWARG)
