@@ -634,7 +634,8 @@ def add_demo_parser(subparsers, formatter_class=argparse.HelpFormatter, default_
 
 
 def run_demo(args) -> int:
-    from .cli import _resolve_device, _resolve_dtype, load_model_and_processor
+    from .cli import _resolve_device, load_model_and_processor
+    from .utils import parse_dtype
 
     try:
         _import_gradio()  # fail before loading a model when the extra is missing
@@ -645,7 +646,7 @@ def run_demo(args) -> int:
     model, processor = load_model_and_processor(
         args.model,
         device=device,
-        dtype=_resolve_dtype(args.dtype, device),
+        dtype=parse_dtype(args.dtype, device),
         original_config=args.config,
         fast_cpu_linears=True,
     )

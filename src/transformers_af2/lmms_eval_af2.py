@@ -76,11 +76,12 @@ class AudioFlamingo2LmmsEval(lmms):
                 f"--model_args: unknown argument(s) {sorted(kwargs)} for af2; it takes pretrained, device, dtype, "
                 "batch_size, max_new_tokens."
             )
-        from .cli import _resolve_device, _resolve_dtype, load_model_and_processor
+        from .cli import _resolve_device, load_model_and_processor
+        from .utils import parse_dtype
 
         self._device = _resolve_device(device)
         self.model, self.processor = load_model_and_processor(
-            pretrained, device=self._device, dtype=_resolve_dtype(dtype, self._device)
+            pretrained, device=self._device, dtype=parse_dtype(dtype, self._device)
         )
         self.batch_size_per_call = int(batch_size)
         self.default_max_new_tokens = int(max_new_tokens)

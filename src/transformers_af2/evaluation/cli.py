@@ -19,7 +19,8 @@ def _task_table() -> str:
 
 
 def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter) -> None:
-    from ..cli import DEFAULT_MODEL, DTYPES, _positive_int
+    from ..cli import DEFAULT_MODEL, _positive_int
+    from ..utils import DTYPE_NAMES
 
     parser = subparsers.add_parser(
         "eval",
@@ -67,14 +68,17 @@ def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpForma
         "--num-workers", type=int, default=2, metavar="N", help="caption engine: processes reading audio (0: none)"
     )
     parser.add_argument("--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto": GPU when present')
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help='"auto": bfloat16 on GPU, float32 on CPU')
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", *DTYPE_NAMES), help='"auto": bfloat16 on GPU, float32 on CPU'
+    )
     parser.set_defaults(handler=run_eval_command)
 
 
 def run_eval_command(args) -> int:
     import torch
 
-    from ..cli import _resolve_device, _resolve_dtype, load_model_and_processor
+    from ..cli import _resolve_device, load_model_and_processor
+    from ..utils import parse_dtype
     from .engines import CaptionEngine, LoopEngine, caption_engine_available
     from .generation import BatchedAnswerGenerator
     from .runner import run_evaluation
@@ -86,7 +90,7 @@ def run_eval_command(args) -> int:
     device = _resolve_device(args.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per data-parallel process
-    model, processor = load_model_and_processor(args.model, device=device, dtype=_resolve_dtype(args.dtype, device))
+    model, processor = load_model_and_processor(args.model, device=device, dtype=parse_dtype(args.dtype, device))
     settings = {**GENERATION_SETTINGS, "max_new_tokens": args.max_new_tokens}
     if args.engine == "loop" or (args.engine == "auto" and not caption_engine_available()):
         engine = LoopEngine(BatchedAnswerGenerator(model, processor, settings))
