@@ -396,6 +396,12 @@ def _add_train(subparsers) -> None:
     module.add_train_parser(subparsers)
 
 
+def _add_caption(subparsers) -> None:
+    from .caption.command import add_caption_parser
+
+    add_caption_parser(subparsers, formatter_class=_HelpFormatter)
+
+
 def _fail(message: str) -> int:
     raise RuntimeError(message)
 
@@ -429,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(subparsers)
     _add_convert(subparsers)
+    _add_caption(subparsers)
     _add_train(subparsers)
     return parser
 
