@@ -291,8 +291,8 @@ class BatchGenerator:
 def _progress(total: int, enabled: bool | None):
     from tqdm.auto import tqdm
 
-    # disable=None: shown only when stderr is a terminal, so logs and CI stay clean.
-    return tqdm(total=total, unit="row", desc="af2", disable=None if enabled is None else not enabled, smoothing=0.1)
+    # disable=None: shown only when stderr is a terminal, so logs and CI stay clean. Shows clips/s and the ETA.
+    return tqdm(total=total, unit="clip", desc="af2", disable=None if enabled is None else not enabled, smoothing=0.1)
 
 
 def run_generation_jobs(
@@ -363,7 +363,8 @@ def run_generation_jobs(
     done = failed = 0
     rows_part = store.new_part("rows", processes.rank) if pending else None
     errors_part = None
-    bar = _progress(len(pending), progress if processes.is_main else False)
+    bar = _progress(len(clip_list), progress if processes.is_main else False)
+    rows_left = {clip_id: len(group) for clip_id, group in clips.items()}  # a clip counts once all its rows are in
     buffer: list[tuple[GenerationJob, dict]] = []
 
     def flush():
@@ -372,7 +373,9 @@ def run_generation_jobs(
             rows = generator([job for job, _ in batch], [item for _, item in batch])
             rows_part.append(rows)
             done += len(rows)
-            bar.update(len(rows))
+            for job, _ in batch:
+                rows_left[job.clip.clip_id] -= 1
+                bar.update(int(rows_left[job.clip.clip_id] == 0))
         buffer.clear()
 
     try:
@@ -392,7 +395,7 @@ def run_generation_jobs(
                     for job in group
                 )
                 failed += len(group)
-                bar.update(len(group))
+                bar.update(1)
                 continue
             buffer.extend((job, item) for job in group)
             if len(buffer) >= lookahead:

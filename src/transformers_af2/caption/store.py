@@ -151,7 +151,8 @@ class RunStore:
     def new_part(self, kind: str, rank: int) -> AppendOnlyJsonl:
         """A fresh part file for this process: a file cut by an earlier crash is never appended to."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        return AppendOnlyJsonl(self.parts / f"{kind}-{stamp}-rank{rank:05d}-pid{os.getpid()}.jsonl")
+        unique = os.urandom(4).hex()  # ranks of different nodes may share a pid
+        return AppendOnlyJsonl(self.parts / f"{kind}-{stamp}-rank{rank:05d}-{unique}.jsonl")
 
     def _part_files(self, kind: str) -> list[Path]:
         return sorted(self.parts.glob(f"{kind}-*.jsonl")) if self.parts.is_dir() else []
