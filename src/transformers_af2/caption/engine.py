@@ -349,7 +349,7 @@ def run_generation_jobs(
     processes.barrier()
     store.check_settings(settings)
 
-    done_ids = set(store.read_rows())
+    done_ids = store.done_ids()
     mine = [job for job in jobs if shard_of(job.clip.clip_id, processes.world_size) == processes.rank]
     pending = [job for job in mine if job.id not in done_ids]
     skipped = len(mine) - len(pending)

@@ -155,7 +155,14 @@ class RunStore:
         return AppendOnlyJsonl(self.parts / f"{kind}-{stamp}-rank{rank:05d}-{unique}.jsonl")
 
     def _part_files(self, kind: str) -> list[Path]:
-        return sorted(self.parts.glob(f"{kind}-*.jsonl")) if self.parts.is_dir() else []
+        """The compacted file of earlier merges first, then the parts written since, oldest first."""
+        if not self.parts.is_dir():
+            return []
+        return sorted(self.parts.glob(f"{kind}-*.jsonl"), key=lambda path: (path.stem != f"{kind}-merged", path.name))
+
+    def done_ids(self) -> set[str]:
+        """The ids of the stored rows (ids only: a million rows stay a few dozen MB)."""
+        return {record["id"] for path in self._part_files("rows") for record in read_jsonl_lines(path)}
 
     def read_rows(self) -> dict[str, dict]:
         """Every stored row by id (the first one wins should an id appear twice)."""
@@ -169,7 +176,7 @@ class RunStore:
         errors: dict[str, dict] = {}
         for path in self._part_files("errors"):
             for record in read_jsonl_lines(path):
-                errors[record["id"]] = record  # the latest attempt's reason
+                errors[record["id"]] = record  # the latest attempt's reason wins
         return errors
 
     # -- merge ---------------------------------------------------------------------------------------------------
