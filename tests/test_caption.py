@@ -262,3 +262,12 @@ def test_help_lists_the_options(capsys):
     text = capsys.readouterr().out
     for option in ("--prompt", "--output", "--batch-size", "--dtype", "--split", "--audio-column", "torchrun"):
         assert option in text
+
+
+def test_prompts_given_twice_are_asked_once_and_bad_prompts_fail_before_the_run(loaded, tmp_path):
+    clip = _noise(tmp_path / "a.wav", 0.5, 0)
+    summary = _run(loaded, [clip], tmp_path / "out.jsonl", prompts=[PROMPT, PROMPT])
+    assert (summary.done, summary.total_rows) == (1, 1)
+    with pytest.raises(ValueError, match=r"prompt '<audio><audio>twice' holds 2 <audio> tokens"):
+        _run(loaded, [clip], tmp_path / "bad.jsonl", prompts=["<audio><audio>twice"])
+    assert not (tmp_path / "bad.jsonl.parts").exists()

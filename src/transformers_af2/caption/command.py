@@ -109,60 +109,63 @@ def caption(
 
     from ..cli import _resolve_device, _resolve_dtype, load_model_and_processor
 
-    processes = ProcessGroup()
-    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
-    clips = discover_clips(
-        inputs,
-        extensions=extensions,
-        dataset=dataset,
-        split=split,
-        audio_column=audio_column,
-        path_column=path_column,
-        id_column=id_column,
-        prompt_column=prompt_column,
-    )
-    if not clips:
-        raise ValueError(f"no clips found in {[str(i) for i in inputs]}.")
-    jobs = jobs_for_clips(clips, prompts)
-
-    if isinstance(model, (str, os.PathLike)):
-        model_id = str(model)
-        resolved_device = _resolve_device(device)
-        if device == "auto" and resolved_device.type == "cuda" and processes.world_size > 1:
-            resolved_device = torch.device("cuda", processes.local_rank)
-        model, processor = load_model_and_processor(
-            model_id, device=resolved_device, dtype=_resolve_dtype(dtype, resolved_device), original_config=config
+    with ProcessGroup() as processes:
+        inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+        clips = discover_clips(
+            inputs,
+            extensions=extensions,
+            dataset=dataset,
+            split=split,
+            audio_column=audio_column,
+            path_column=path_column,
+            id_column=id_column,
+            prompt_column=prompt_column,
         )
-    else:
-        if processor is None:
-            raise ValueError("caption(model=<loaded model>) needs its processor too: pass processor=.")
-        model_id = model.name_or_path
-    generate_kwargs = generation_settings(model, max_new_tokens, do_sample, top_k, top_p, temperature)
-    settings = {
-        "model": model_id,
-        "revision": model_revision(model, model_id),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "generation": generate_kwargs,
-    }
-    if do_sample and seed is not None:
-        settings["seed"] = seed
-    if seed is not None:
-        set_seed(seed + processes.rank)
-    return run_generation_jobs(
-        jobs,
-        model,
-        processor,
-        output,
-        settings=settings,
-        versions=package_versions(),
-        generate_kwargs=generate_kwargs,
-        batch_size=batch_size,
-        lookahead=lookahead,
-        num_workers=num_workers,
-        progress=progress,
-        processes=processes,
-    )
+        if not clips:
+            raise ValueError(f"no clips found in {[str(i) for i in inputs]}.")
+        jobs = jobs_for_clips(clips, prompts)
+
+        if isinstance(model, (str, os.PathLike)):
+            model_id = str(model)
+            local = os.path.expanduser(model_id)
+            # A directory is recorded by its absolute path, so that a rerun from another folder matches.
+            recorded_id = os.path.abspath(local) if os.path.isdir(local) else model_id
+            resolved_device = _resolve_device(device)
+            if device == "auto" and resolved_device.type == "cuda" and processes.world_size > 1:
+                resolved_device = torch.device("cuda", processes.local_rank)
+            model, processor = load_model_and_processor(
+                model_id, device=resolved_device, dtype=_resolve_dtype(dtype, resolved_device), original_config=config
+            )
+        else:
+            if processor is None:
+                raise ValueError("caption(model=<loaded model>) needs its processor too: pass processor=.")
+            model_id = recorded_id = model.name_or_path
+        generate_kwargs = generation_settings(model, max_new_tokens, do_sample, top_k, top_p, temperature)
+        settings = {
+            "model": recorded_id,
+            "revision": model_revision(model, model_id),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "generation": generate_kwargs,
+        }
+        if do_sample and seed is not None:
+            settings["seed"] = seed
+        if seed is not None:
+            set_seed(seed + processes.rank)
+        return run_generation_jobs(
+            jobs,
+            model,
+            processor,
+            output,
+            settings=settings,
+            versions=package_versions(),
+            generate_kwargs=generate_kwargs,
+            batch_size=batch_size,
+            lookahead=lookahead,
+            num_workers=num_workers,
+            progress=progress,
+            processes=processes,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class GenerationJob:
 
 def jobs_for_clips(clips: list[Clip], prompts: list[str]) -> list[GenerationJob]:
     """Every clip asked every prompt, or its own prompt when it has one; an error when a clip has neither."""
+    prompts = list(dict.fromkeys(prompts))  # a prompt given twice is asked once
     jobs = []
     for clip in clips:
         asked = [clip.prompt] if clip.prompt is not None else prompts
@@ -91,12 +92,14 @@ class ProcessGroup:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self._group = None
+        self._owns_default_group = False
         if self.world_size > 1:
             import torch.distributed as dist
 
             # Ranks finish their shards at different times; the default 30 min timeout would cut a long run short.
             if not dist.is_initialized():
                 dist.init_process_group(backend="gloo", timeout=timeout)
+                self._owns_default_group = True
             self._group = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
@@ -109,6 +112,20 @@ class ProcessGroup:
             import torch.distributed as dist
 
             dist.barrier(group=self._group)
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leaves the process group if this object joined it (a caller's own group stays)."""
+        if self._owns_default_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._owns_default_group = False
 
     def sum(self, values: list[int]) -> list[int]:
         if self.world_size == 1:
@@ -241,12 +258,18 @@ class BatchGenerator:
         eos = model.generation_config.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
 
-    def check_prompt(self, prompt: str) -> None:
-        """A prompt must render to a prompt with exactly one audio token (else every batch with it would fail)."""
-        ids = self.processor(text=[prompt], return_tensors="pt")["input_ids"][0]
-        count = int((ids == self.processor.audio_token_id).sum())
-        if count != 1:
-            raise ValueError(f"prompt {prompt!r} holds {count} <audio> tokens; AF2 takes exactly one per prompt.")
+    def check_prompts(self, prompts: list[str], chunk: int = 1024) -> None:
+        """Every prompt must render with exactly one audio token; checked before the run rather than failing every
+        batch that holds it."""
+        for start in range(0, len(prompts), chunk):
+            texts = prompts[start : start + chunk]
+            ids = self.processor(text=texts, return_tensors=None)["input_ids"]
+            for prompt, row in zip(texts, ids):
+                count = row.count(self.processor.audio_token_id)
+                if count != 1:
+                    raise ValueError(
+                        f"prompt {prompt!r} holds {count} <audio> tokens; AF2 takes exactly one per prompt."
+                    )
 
     def inputs(self, prompts: list[str], features: list[torch.Tensor]):
         """The processor's text batch (left-padded) with the clips' windows padded as the feature extractor does."""
@@ -329,13 +352,12 @@ def run_generation_jobs(
         processes: the data-parallel group; default from the environment (see `ProcessGroup`).
 
     Returns:
-        `RunSummary` with the counts over all processes.
+        `RunSummary` with the counts over all processes (`total_rows` and `errors_file` on rank 0, which merges).
     """
     processes = processes or ProcessGroup()
     store = output if isinstance(output, RunStore) else RunStore(output)
     generator = BatchGenerator(model, processor, generate_kwargs or {})
-    for prompt in dict.fromkeys(job.prompt for job in jobs):
-        generator.check_prompt(prompt)
+    generator.check_prompts(list(dict.fromkeys(job.prompt for job in jobs)))
     seen: set[str] = set()
     for job in jobs:
         if job.id in seen:
