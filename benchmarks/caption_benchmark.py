@@ -181,8 +181,7 @@ def run_child(args, dtype: str, clip_dir: Path) -> dict:
                str(args.batch_size), "--num-workers", str(args.num_workers)]  # fmt: skip
     if args.caption_first:
         command.append("--caption-first")
-    result = subprocess.run(command, capture_output=True, text=True)
-    sys.stderr.write(result.stderr)
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # its log goes to our stderr as it comes
     if result.returncode != 0:
         raise SystemExit(f"the {dtype} run failed (exit {result.returncode})")
     return json.loads(result.stdout.strip().splitlines()[-1])
