@@ -354,7 +354,22 @@ def run_generation_jobs(
     Returns:
         `RunSummary` with the counts over all processes (`total_rows` and `errors_file` on rank 0, which merges).
     """
-    processes = processes or ProcessGroup()
+    if processes is None:
+        with ProcessGroup() as processes:
+            return run_generation_jobs(
+                jobs,
+                model,
+                processor,
+                output,
+                settings=settings,
+                versions=versions,
+                generate_kwargs=generate_kwargs,
+                batch_size=batch_size,
+                lookahead=lookahead,
+                num_workers=num_workers,
+                progress=progress,
+                processes=processes,
+            )
     store = output if isinstance(output, RunStore) else RunStore(output)
     generator = BatchGenerator(model, processor, generate_kwargs or {})
     generator.check_prompts(list(dict.fromkeys(job.prompt for job in jobs)))
