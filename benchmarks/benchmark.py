@@ -41,6 +41,8 @@ except ImportError:  # a clean clone that was not pip-installed: use its src/ di
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import transformers_af2  # noqa: F401
 
+from transformers_af2.compat import CACHE_KWARG  # noqa: E402  (after the import fallback above)
+
 # --------------------------------------------------------------------------------------------------------------
 # Shapes
 # --------------------------------------------------------------------------------------------------------------
@@ -146,7 +148,7 @@ BATCH_AUDIO_SECONDS = (10, 30, 60, 120)
 BATCH_PROMPT_TOKENS = (12, 16, 20, 24)
 ALL_ITEMS = (
     "front_end", "audio_encode", "tower_eager", "prefill", "decode", "floor", "generate", "batch", "load", "rss",
-    "compile",
+    "compile", "linears",
 )  # fmt: skip
 
 # --------------------------------------------------------------------------------------------------------------
@@ -494,7 +496,7 @@ def prepare_decode_step(model, device, args, ids, mask, **prefill_inputs):
     """Prefills once (the model's own cache, audio K/V included) and returns a function that times
     `args.decode_steps` single-token forwards on that cache, crops it back, and returns seconds per step."""
     out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **prefill_inputs)
-    cache = out.past_key_values
+    cache = out[CACHE_KWARG]
     prefill_length = cache.get_seq_length()
     first_token = out.logits[:, -1:].argmax(-1)
     ones = torch.ones(ids.shape[0], 1, dtype=mask.dtype, device=device)
@@ -505,7 +507,7 @@ def prepare_decode_step(model, device, args, ids, mask, **prefill_inputs):
         start = time.perf_counter()
         for _ in range(args.decode_steps):
             step_mask = torch.cat([step_mask, ones], dim=1)
-            logits = model(input_ids=token, attention_mask=step_mask, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=token, attention_mask=step_mask, use_cache=True, **{CACHE_KWARG: cache}).logits
             token = logits[:, -1:].argmax(-1)
         synchronize(device)
         elapsed = time.perf_counter() - start
@@ -607,6 +609,75 @@ def bench_batch(args, model, device, results):
     results["batch4"] = out
 
 
+def bench_linears(args, model, device, results):
+    """The three ways to run the model's linear layers on CPU, interleaved run by run on the same weights: plain
+    `nn.Linear` (how the model is built), `FastCPULinear` (the opt-in the CLI enables on CPU) and `torch.compile`
+    with inductor's weight freezing over the plain model. Measured: one HTSAT window and one decoding step with
+    10 s of audio for 1 and for 4 sequences. The compiled variant's one-time compile is reported separately."""
+    import torch._inductor.config as inductor_config
+
+    from transformers_af2.modeling.cpu_linear import disable_fast_cpu_linears, enable_fast_cpu_linears
+
+    disable_fast_cpu_linears(model)
+    tower = model.model.audio_tower
+    features, _ = audio_features([10], device)
+    window = features[0, :1].unsqueeze(1).to(dtype=next(tower.parameters()).dtype)
+    ids1, mask1 = prompts([args.prompt_tokens], model.config, device)
+    ids4, mask4 = prompts(list(BATCH_PROMPT_TOKENS), model.config, device)
+    features4, features_mask4 = audio_features([10] * 4, device)
+    inputs1 = dict(input_features=features, input_features_mask=torch.ones(1, 1, dtype=torch.bool, device=device))
+    inputs4 = dict(input_features=features4, input_features_mask=features_mask4)
+
+    def variant(name):
+        def enter():
+            disable_fast_cpu_linears(model)
+            if name == "fast":
+                enable_fast_cpu_linears(model)
+
+        return enter
+
+    out = {}
+    for label, make in (
+        ("tower_window", lambda: lambda: tower(window)),
+        ("decode_step_1", lambda: prepare_decode_step(model, device, args, ids1, mask1, **inputs1)),
+        ("decode_step_4", lambda: prepare_decode_step(model, device, args, ids4, mask4, **inputs4)),
+    ):
+        functions = {}
+        for name in ("plain", "fast"):
+            variant(name)()
+            run, enter = make(), variant(name)
+
+            def timed(run=run, enter=enter):
+                enter()
+                return run()
+
+            functions[name] = timed
+        out[label] = measure_interleaved(functions, args, device)
+        out[label]["fast_speedup"] = out[label]["plain"]["median"] / out[label]["fast"]["median"]
+    disable_fast_cpu_linears(model)
+
+    # torch.compile with weight freezing (constant-folds the weights into the graph, lets inductor pick its GEMMs).
+    saved = inductor_config.freezing
+    inductor_config.freezing = True
+    try:
+        torch._dynamo.reset()
+        compiled_tower = torch.compile(tower)
+        start = time.perf_counter()
+        compiled_tower(window)
+        compile_s = time.perf_counter() - start
+        plain_tower = measure(lambda: tower(window), args, device)
+        compiled = measure(lambda: compiled_tower(window), args, device)
+        out["tower_window"]["compiled"] = compiled
+        out["tower_window"]["compiled_first_call_s"] = compile_s
+        out["tower_window"]["compiled_speedup"] = plain_tower["median"] / compiled["median"]
+    finally:
+        inductor_config.freezing = saved
+        torch._dynamo.reset()
+    if args.linears == "fast":
+        enable_fast_cpu_linears(model)
+    results["linears"] = out
+
+
 def bench_compile(args, model, device, results):
     """Graph breaks of one decoding step (audio read from the cache) under torch.compile's tracer."""
     import torch._dynamo
@@ -615,12 +686,12 @@ def bench_compile(args, model, device, results):
     features, features_mask = audio_features([10], device)
     out = model(input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask,
                 use_cache=True, logits_to_keep=1)  # fmt: skip
-    cache = out.past_key_values
+    cache = out[CACHE_KWARG]
     step_ids = out.logits[:, -1:].argmax(-1)
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     torch._dynamo.reset()
     start = time.perf_counter()
-    explanation = torch._dynamo.explain(model)(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache)
+    explanation = torch._dynamo.explain(model)(input_ids=step_ids, attention_mask=step_mask, **{CACHE_KWARG: cache})
     elapsed = time.perf_counter() - start
     torch._dynamo.reset()
     results["compile_decode_step"] = {
@@ -659,6 +730,10 @@ def child_main(args) -> None:
     start = time.perf_counter()
     model = AudioFlamingo2ForConditionalGeneration.from_pretrained(args.checkpoint, dtype=dtype)
     model = model.to(device).eval()
+    if args.linears == "fast" and device.type == "cpu":
+        from transformers_af2.modeling.cpu_linear import enable_fast_cpu_linears
+
+        enable_fast_cpu_linears(model)
     report["load_s"] = time.perf_counter() - start
     gc.collect()
     report["after_load"] = memory_status()
@@ -692,7 +767,7 @@ def run_child(args, checkpoint: Path, dtype: str, seconds: int) -> dict:
     command = [
         sys.executable, os.path.abspath(__file__), "--child", "--checkpoint", str(checkpoint), "--dtype", dtype,
         "--device", args.device, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-        "--prompt-tokens", str(args.prompt_tokens), "--child-seconds", str(seconds),
+        "--prompt-tokens", str(args.prompt_tokens), "--child-seconds", str(seconds), "--linears", args.linears,
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True)
     for line in completed.stdout.splitlines():
@@ -871,6 +946,16 @@ def format_table(results) -> str:
         reference = gb(original["peak_rss_bytes"]) if original and name == "float32" else ""
         rows.append((f"{label}: peak RSS, load + generate 120 s (weights {gb(child['weights_bytes'])})",
                      gb(child["peak_rss_bytes"]), reference, ""))  # fmt: skip
+    linear_labels = {"tower_window": "HTSAT tower, 1 window", "decode_step_1": "decode step, 1 sequence",
+                     "decode_step_4": "decode step, 4 sequences"}  # fmt: skip
+    for key, label in linear_labels.items():
+        entry = results.get("linears", {}).get(key)
+        if entry is None:
+            continue
+        for variant in ("plain", "fast", "compiled"):
+            if variant in entry:
+                name = {"plain": "nn.Linear", "fast": "FastCPULinear", "compiled": "torch.compile(freezing)"}[variant]
+                timing(f"{label}: {name}", entry[variant])
     if "compile_decode_step" in results:
         compiled = results["compile_decode_step"]
         rows.append(("torch.compile, one decode step: graphs / graph breaks",
@@ -911,6 +996,13 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated by generate / batch / rss")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length, <audio> and <SEP> included")
     parser.add_argument("--decode-steps", type=int, default=8, help="decoding steps per timed decode run")
+    parser.add_argument(
+        "--linears",
+        choices=["fast", "plain"],
+        default="fast",
+        help="CPU linear kernels of the measured model: fast (FastCPULinear, what `af2 generate` uses on CPU) or "
+        "plain (nn.Linear, how the model is built)",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=ALL_ITEMS, help="items not to measure")
     parser.add_argument("--json-out", help="write the results here as JSON")
     parser.add_argument(
@@ -998,6 +1090,11 @@ def main(argv=None) -> dict:
     else:
         log(f"building a random {args.shape} model")
         model = build_random_model(args.shape, dtype, device)
+    if args.linears == "fast" and device.type == "cpu":
+        from transformers_af2.modeling.cpu_linear import enable_fast_cpu_linears
+
+        enable_fast_cpu_linears(model)
+    results["linears_used"] = args.linears if device.type == "cpu" else "plain"
     results["build_s"] = time.perf_counter() - start
     results["params"] = parameter_breakdown(model)
     results["weights_bytes"] = weights_bytes(model)
@@ -1017,6 +1114,10 @@ def main(argv=None) -> dict:
             if item not in skip:
                 log(item)
                 fn(args, model, device, results)
+    if "linears" not in skip and device.type == "cpu":
+        log("linears: plain nn.Linear / FastCPULinear / torch.compile(freezing), interleaved")
+        with torch.inference_mode():
+            bench_linears(args, model, device, results)
     if "compile" not in skip:
         log("compile: tracing one decoding step")
         with torch.no_grad():

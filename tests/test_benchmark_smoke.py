@@ -131,3 +131,17 @@ def test_compile_and_targets(tiny_results):
     for name, target in targets.items():
         assert math.isfinite(target["value"]) and target["value"] >= 0, name
         assert isinstance(target["met"], bool) and target["op"] in ("<=", ">="), name
+
+
+def test_linear_kernels_compared(tiny_results):
+    """The three ways to run the linear layers on CPU are each timed on the same weights, and the measured model
+    used the CLI's default (FastCPULinear on CPU)."""
+    assert tiny_results["linears_used"] == "fast"
+    linears = tiny_results["linears"]
+    repeats = tiny_results["repeats"]
+    for item in ("tower_window", "decode_step_1", "decode_step_4"):
+        for variant in ("plain", "fast"):
+            _timing(linears[item][variant], f"linears.{item}.{variant}", repeats)
+        _positive(linears[item]["fast_speedup"], f"linears.{item}.fast_speedup")
+    _timing(linears["tower_window"]["compiled"], "linears.tower_window.compiled", repeats)
+    _positive(linears["tower_window"]["compiled_first_call_s"], "linears.tower_window.compiled_first_call_s")

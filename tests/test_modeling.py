@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, Qwen2F
 
 import transformers_af2
 from transformers_af2 import AudioFlamingo2Cache, AudioFlamingo2ForConditionalGeneration
+from transformers_af2.compat import CACHE_KWARG
 
 
 def _prompts(lengths, audio_token_id=95, pad_id=97, seed=0):
@@ -61,7 +62,7 @@ def test_forward_shapes_and_finite_loss():
     assert out.logits.shape == (2, 7, 99)
     assert out.audio_embeds.shape == (2, 2 * 64, 64)
     assert torch.isfinite(out.loss) and out.loss.item() > 0
-    assert isinstance(out.past_key_values, AudioFlamingo2Cache) and out.past_key_values.has_audio
+    assert isinstance(out[CACHE_KWARG], AudioFlamingo2Cache) and out[CACHE_KWARG].has_audio
 
 
 def test_audio_changes_the_output_and_padded_windows_do_not():
@@ -326,7 +327,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = tiny_model(seed=2).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            # transformers 5.23 renamed it; earlier releases of the supported range have only the old name.
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
         loss = model(
             input_ids=ids,
             attention_mask=mask,
@@ -350,7 +353,7 @@ def test_cache_follows_batch_operations():
     ids, mask = _prompts([5, 5])
     cache = model(
         input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask, use_cache=True
-    ).past_key_values
+    )[CACHE_KWARG]
     keys, _, audio_mask = cache.get_audio_states(1)
     cache.batch_repeat_interleave(2)
     assert cache.get_audio_states(1)[0].shape[0] == 4
@@ -401,7 +404,7 @@ def test_foreign_cache_with_audio_is_rejected():
             input_ids=ids,
             input_features=features,
             input_features_mask=features_mask,
-            past_key_values=DynamicCache(),
+            **{CACHE_KWARG: DynamicCache()},
             use_cache=True,
         )
 
@@ -425,31 +428,31 @@ def test_decode_step_compiles_without_graph_breaks():
             input_features=features,
             input_features_mask=features_mask,
             use_cache=True,
-        ).past_key_values
+        )[CACHE_KWARG]
         step_ids = torch.tensor([[5], [6]])
         step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        expected = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache).logits
+        expected = model(input_ids=step_ids, attention_mask=step_mask, **{CACHE_KWARG: cache}).logits
         cache.crop(-1)  # undo the step so the compiled call sees the same cache
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="eager")
-        got = compiled(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache).logits
+        got = compiled(input_ids=step_ids, attention_mask=step_mask, **{CACHE_KWARG: cache}).logits
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("shape", [(1, 24), (3, 24), (2, 8, 24), (16, 24), (17, 24), (4, 40, 24), (2, 0, 24)])
-def test_af2_linear_equals_nn_linear(shape, bias, grad):
-    from transformers_af2.modeling.modeling_audioflamingo2 import AudioFlamingo2Linear
+def test_fast_cpu_linear_equals_nn_linear(shape, bias, grad):
+    from transformers_af2.modeling.cpu_linear import FastCPULinear
 
     torch.manual_seed(0)
     reference = torch.nn.Linear(24, 40, bias=bias)
-    af2_linear = AudioFlamingo2Linear(24, 40, bias=bias)
-    af2_linear.load_state_dict(reference.state_dict())
+    fast = FastCPULinear(24, 40, bias=bias)
+    fast.load_state_dict(reference.state_dict())
     # Both CPU paths (few rows; oneDNN for many rows without autograd) and the default one (with autograd).
     inputs = torch.randn(shape, requires_grad=grad)
     with torch.set_grad_enabled(grad):
-        got, expected = af2_linear(inputs), reference(inputs)
+        got, expected = fast(inputs), reference(inputs)
     assert got.shape == expected.shape == (*shape[:-1], 40)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     if grad and inputs.numel():
@@ -458,21 +461,76 @@ def test_af2_linear_equals_nn_linear(shape, bias, grad):
         torch.testing.assert_close(grad_got, grad_expected, atol=1e-5, rtol=0)
 
 
-def test_model_linears_are_af2_linears():
-    from transformers_af2.modeling.modeling_audioflamingo2 import AudioFlamingo2Linear
+def test_every_linear_is_a_plain_nn_linear(tmp_path):
+    """Quantizers, PEFT and tensor-parallel plans test `type(module) is nn.Linear`: a built model and a loaded one
+    have no other linear class; the CPU kernels are an explicit opt-in that can be undone."""
+    from transformers_af2.modeling.cpu_linear import (
+        FastCPULinear,
+        disable_fast_cpu_linears,
+        enable_fast_cpu_linears,
+    )
 
     model = tiny_model()
-    layer = next(layer for layer in model.model.language_model.layers if layer.cross_attn is not None)
-    tower_block = model.model.audio_tower.layers[0].blocks[0]
-    audio_layer = model.model.audio_transformer.layers[0]
-    for linear in (
-        layer.self_attn.q_proj,
-        layer.mlp.down_proj,
-        layer.cross_attn.kv_proj,
-        model.lm_head,
-        tower_block.attention.self.query,
-        tower_block.intermediate.dense,
-        audio_layer.fc1,
-    ):
-        assert type(linear) is AudioFlamingo2Linear
-    assert "model.language_model.layers.0.mlp.down_proj.weight" in model.state_dict()
+    model.save_pretrained(tmp_path)
+    loaded = AudioFlamingo2ForConditionalGeneration.from_pretrained(tmp_path)
+    for candidate in (model, loaded):
+        linears = [m for m in candidate.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) > 40
+        assert all(type(m) is torch.nn.Linear for m in linears)
+
+    features, features_mask = random_audio_inputs([2, 1])
+    ids, mask = _prompts([6, 4])
+    inputs = dict(input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        count = enable_fast_cpu_linears(model)
+        assert count == len(linears)
+        assert all(type(m) is FastCPULinear for m in model.modules() if isinstance(m, torch.nn.Linear))
+        torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=0)
+        assert disable_fast_cpu_linears(model) == count
+        assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_cross_attention_runs_at_every_decoding_step():
+    """The audio reaches every generated token: the cross-attention block runs once per forward (prefill + each new
+    token), its keys/values come from the cache after the prefill, and cached greedy ids equal uncached ones."""
+    model = tiny_model()
+    # Non-zero gates, so that a block that did not run would change the answer.
+    for layer in model.model.language_model.layers:
+        if layer.cross_attn is not None:
+            layer.cross_attn.attn_gate.data.fill_(1.0)
+            layer.cross_attn.ff_gate.data.fill_(1.0)
+    features, features_mask = random_audio_inputs([2, 1])
+    ids, mask = _prompts([6, 4])
+    inputs = dict(input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask)
+    blocks = [layer.cross_attn for layer in model.model.language_model.layers if layer.cross_attn is not None]
+    calls = []
+    hooks = [
+        block.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[1])) for block in blocks
+    ]
+    new_tokens = 6
+    try:
+        with torch.no_grad():
+            cached = model.generate(
+                **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=97
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # One call per block per forward: the prompt (6 positions), then one position per further token.
+    assert calls == [6] + [1] * (new_tokens - 1)
+    with torch.no_grad():
+        uncached = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=97,
+            use_cache=False,
+        )
+        without_audio = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=97
+        )
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, without_audio)  # the audio does steer the answer

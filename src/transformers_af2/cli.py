@@ -234,11 +234,15 @@ def _resolve_dtype(name: str, device):
     return getattr(torch, name)
 
 
-def load_model_and_processor(model_id: str, device=None, dtype=None, original_config: str | None = None):
+def load_model_and_processor(
+    model_id: str, device=None, dtype=None, original_config: str | None = None, fast_cpu_linears: bool = False
+):
     """
     `(model, processor)` for a converted repository (local or hub) or an original-layout checkpoint (hub id or
     directory; converted on first use and cached, see `AudioFlamingo2ForConditionalGeneration.from_pretrained`).
     `original_config` is the original inference YAML, for original-layout directories that lack one.
+    `fast_cpu_linears` turns on the CPU inference kernels of `transformers_af2.modeling.cpu_linear` when the model
+    runs on CPU (the commands do; a model meant for quantization, PEFT or training must not).
     """
     from transformers import AutoProcessor
 
@@ -259,6 +263,10 @@ def load_model_and_processor(model_id: str, device=None, dtype=None, original_co
     processor = AutoProcessor.from_pretrained(processor_source)
     if device is not None:
         model.to(device)
+    if fast_cpu_linears and model.device.type == "cpu":
+        from .modeling.cpu_linear import enable_fast_cpu_linears
+
+        enable_fast_cpu_linears(model)
     return model.eval(), processor
 
 
@@ -288,7 +296,9 @@ def _run_generate(args) -> int:
     dtype = _resolve_dtype(args.dtype, device)
     if args.seed is not None:
         set_seed(args.seed)
-    model, processor = load_model_and_processor(args.model, device=device, dtype=dtype, original_config=args.config)
+    model, processor = load_model_and_processor(
+        args.model, device=device, dtype=dtype, original_config=args.config, fast_cpu_linears=True
+    )
     pipe = pipeline(TASK, model=model, processor=processor, device=device)
 
     generate_kwargs = {"do_sample": args.do_sample}

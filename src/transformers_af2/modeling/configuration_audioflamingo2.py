@@ -54,6 +54,9 @@ class AudioFlamingo2Config(PreTrainedConfig):
     """
 
     model_type = "audioflamingo2"
+    # What Trainer.evaluate/predict leave out of the predictions: the cache (under either name transformers has used)
+    # and the audio embeddings, so `compute_metrics` receives the logits alone.
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "audio_embeds"]
     sub_configs_defaults = {
         "audio_config": SubConfigSpec(config_class=ClapAudioConfig),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from transformers import ClapAudioConfig, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clap.modeling_clap import ClapAudioAttention, ClapAudioEncoder, ClapAudioSelfAttention
 from transformers.models.qwen2.modeling_qwen2 import (
@@ -30,6 +30,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 from transformers.utils import logging
 
+from ..compat import CACHE_KWARG, pop_cache
 from .configuration_audioflamingo2 import AudioFlamingo2Config
 
 logger = logging.get_logger(__name__)
@@ -278,59 +279,6 @@ class AudioFlamingo2AudioTransformer(nn.Module):
         return hidden_states
 
 
-# oneDNN's matmul, the CPU kernel torch.compile emits for linear layers; exposed as a private op, hence the probe.
-_ONEDNN_LINEAR_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-class AudioFlamingo2Linear(nn.Linear):
-    """
-    `nn.Linear` (same parameters and state-dict names, same results up to float32 rounding) that takes a faster
-    CPU kernel for two kinds of input where PyTorch's default, MKL's sgemm, runs well below this hardware's speed:
-
-    - 2 to 16 rows (decoding steps of a batch, short prompts): MKL packs the large weight for every call; the
-      same product taken as `weight @ input^T` streams it once. Measured on 2 cores for AF2-0.5B's language
-      model: its linears for 4 rows 318 ms -> 199 ms (16 rows 280 -> 239 ms, 1 row unchanged), the 151669 x 896
-      head 101 -> 40 ms.
-    - more rows in float32 when no gradient is needed (HTSAT tower, audio transformer, K/V projections): oneDNN's
-      matmul, 25% faster on the tower's shapes (a window's linears 780 -> 590 ms; 150-200 GFLOP/s against
-      115-175). It has no backward, so training takes the default path; `torch.backends.mkldnn.flags(
-      enabled=False)` turns it off.
-
-    On other devices, for one row and for other dtypes this is `nn.Linear.forward`.
-    """
-
-    few_rows = 16
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        rows = input.shape[:-1].numel()
-        if input.device.type != "cpu" or rows <= 1:
-            return super().forward(input)
-        flat = input.reshape(rows, self.in_features)
-        if rows <= self.few_rows:
-            output = torch.mm(self.weight, flat.t()).t()
-            if self.bias is not None:
-                output = output + self.bias
-        elif (
-            _ONEDNN_LINEAR_AVAILABLE
-            and torch.backends.mkldnn.enabled
-            and input.dtype == self.weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad))
-        ):
-            weight = self.weight.contiguous()
-            output = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, self.bias, "none", [], "")
-        else:
-            return super().forward(input)
-        return output.reshape(*input.shape[:-1], self.out_features)
-
-
-def _use_af2_linears(module: nn.Module) -> None:
-    """Turns the plain `nn.Linear`s under `module` (those of transformers' CLAP tower and Qwen2 included) into
-    `AudioFlamingo2Linear`s: the class changes, parameters and their names stay."""
-    for submodule in module.modules():
-        if type(submodule) is nn.Linear:
-            submodule.__class__ = AudioFlamingo2Linear
-
-
 class AudioFlamingo2GatedCrossAttention(nn.Module):
     """
     Flamingo's gated cross-attention block: text positions attend to all audio tokens of their sample, then a
@@ -409,26 +357,27 @@ class AudioFlamingo2DecoderLayer(Qwen2DecoderLayer):
         hidden_states: torch.Tensor,
         audio_embeds: torch.Tensor | None = None,
         audio_attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """
         audio_embeds (B, N, D_audio) and audio_attention_mask (B, N) are given on the forward that brings the audio;
-        their keys/values are then stored in `past_key_values` (an `AudioFlamingo2Cache`) and read back on later
-        decoding steps, which pass no audio.
+        their keys/values are then stored in the self-attention cache (an `AudioFlamingo2Cache`, which the language
+        model passes under its own keyword, `compat.CACHE_KWARG`) and read back on later decoding steps, which pass
+        no audio. Every other argument goes to the Qwen2 layer unchanged.
         """
         if self.cross_attn is not None:
+            cache = kwargs.get(CACHE_KWARG)
             audio_states = None
             if audio_embeds is not None:
                 keys, values = self.cross_attn.project_audio(audio_embeds, audio_attention_mask)
                 audio_states = (keys, values, audio_attention_mask)
-                if isinstance(past_key_values, AudioFlamingo2Cache):
-                    past_key_values.set_audio_states(self.layer_idx, *audio_states)
-            elif isinstance(past_key_values, AudioFlamingo2Cache):
-                audio_states = past_key_values.get_audio_states(self.layer_idx)
+                if isinstance(cache, AudioFlamingo2Cache):
+                    cache.set_audio_states(self.layer_idx, *audio_states)
+            elif isinstance(cache, AudioFlamingo2Cache):
+                audio_states = cache.get_audio_states(self.layer_idx)
             if audio_states is not None:
                 hidden_states = self.cross_attn(hidden_states, *audio_states)
-        return super().forward(hidden_states, past_key_values=past_key_values, **kwargs)
+        return super().forward(hidden_states, **kwargs)
 
 
 class AudioFlamingo2PreTrainedModel(PreTrainedModel):
@@ -438,7 +387,7 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     input_modalities = ("audio", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["AudioFlamingo2DecoderLayer", "ClapAudioStage", "AudioFlamingo2AudioTransformerLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KWARG]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_attention_backend = True
@@ -483,12 +432,9 @@ class AudioFlamingo2ModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class AudioFlamingo2CausalLMOutputWithPast(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
+class AudioFlamingo2CausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`audio_embeds` (B, N, D_audio): the audio transformer's output, when audio was given."""
+
     audio_embeds: torch.Tensor | None = None
 
 
@@ -498,7 +444,6 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
         self.audio_tower = build_audio_tower(config.audio_config)
         self.audio_transformer = AudioFlamingo2AudioTransformer(config)
         self.language_model = AudioFlamingo2TextModel(config)
-        _use_af2_linears(self)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -618,11 +563,15 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
         input_features_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> AudioFlamingo2ModelOutputWithPast:
+        """
+        The self-attention cache comes and goes under the name the installed transformers gives it (`past_key_values`
+        before 5.24, `cache` since; see `compat.CACHE_KWARG`).
+        """
+        cache = pop_cache(kwargs)
         audio_embeds = audio_attention_mask = None
         if input_features is not None:
             audio_embeds, audio_attention_mask = self.get_audio_features(input_features, input_features_mask)
@@ -632,33 +581,33 @@ class AudioFlamingo2Model(AudioFlamingo2PreTrainedModel):
                     f"input_features has {audio_embeds.shape[0]} samples but the text has {batch}: pass one audio "
                     "(with its windows) per text row."
                 )
-            if past_key_values is not None and not isinstance(past_key_values, AudioFlamingo2Cache):
+            if cache is not None and not isinstance(cache, AudioFlamingo2Cache):
                 raise ValueError(
-                    f"past_key_values is a {type(past_key_values).__name__}, which cannot hold the audio keys/values; "
+                    f"{CACHE_KWARG} is a {type(cache).__name__}, which cannot hold the audio keys/values; "
                     "pass an AudioFlamingo2Cache (or none, and one is created)."
                 )
         if use_cache is None:
             use_cache = self.config.text_config.use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = AudioFlamingo2Cache(config=self.config.text_config)
+        if use_cache and cache is None:
+            cache = AudioFlamingo2Cache(config=self.config.text_config)
 
         outputs = self.language_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             audio_embeds=audio_embeds,
             audio_attention_mask=audio_attention_mask,
+            **{CACHE_KWARG: cache},
             **kwargs,
         )
         return AudioFlamingo2ModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             audio_embeds=audio_embeds,
+            **{CACHE_KWARG: outputs.get(CACHE_KWARG)},
         )
 
 
@@ -682,7 +631,7 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
     def __init__(self, config: AudioFlamingo2Config):
         super().__init__(config)
         self.model = AudioFlamingo2Model(config)
-        self.lm_head = AudioFlamingo2Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -708,7 +657,6 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         input_features_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -719,9 +667,11 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         Args:
             input_ids: `(batch, seq)` token ids; the prompt starts with `<audio>`.
             input_features: `(batch, windows, frames, mels)` log-mel windows; needed on the first forward of a
-                sequence, after which the audio lives in `past_key_values`.
+                sequence, after which the audio lives in the cache.
             input_features_mask: `(batch, windows)`, 0 for windows that only pad the batch.
             labels: `(batch, seq)`, -100 where no loss is taken; shifted inside like any causal LM.
+            cache (or `past_key_values` before transformers 5.24, see `compat.CACHE_KWARG`): the self-attention
+                cache; an `AudioFlamingo2Cache` also keeps the audio keys/values.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -729,7 +679,6 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
             input_features_mask=input_features_mask,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -746,10 +695,10 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
         return AudioFlamingo2CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             audio_embeds=outputs.audio_embeds,
+            **{CACHE_KWARG: outputs.get(CACHE_KWARG)},
         )
 
     @classmethod
@@ -790,10 +739,10 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_KWARG)
         # generate() builds a plain DynamicCache; AF2 needs the variant that also carries the audio keys/values.
         if type(cache) is DynamicCache and cache.get_seq_length() == 0:
-            model_kwargs["past_key_values"] = AudioFlamingo2Cache(config=self.config.get_text_config(decoder=True))
+            model_kwargs[CACHE_KWARG] = AudioFlamingo2Cache(config=self.config.get_text_config(decoder=True))
 
 
 __all__ = [
