@@ -116,6 +116,10 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.child)
     model = benchmark.build_random_model(args.shape, dtype, torch.device("cpu"))
+    if args.linears == "fast":  # what `af2 caption` (and every command) uses on CPU; both paths share the model
+        from transformers_af2.modeling.cpu_linear import enable_fast_cpu_linears
+
+        enable_fast_cpu_linears(model)
     model.generation_config.max_new_tokens = args.new_tokens
     # A random model with tied embeddings tends to repeat its last input token, `<SEP>`, which hides the answer
     # (the text after the last `<SEP>`). Both paths read this generation config, so they stay comparable.
@@ -178,7 +182,7 @@ def child(args) -> None:
 def run_child(args, dtype: str, clip_dir: Path) -> dict:
     command = [sys.executable, __file__, "--child", dtype, "--clip-dir", str(clip_dir), "--shape", args.shape,
                "--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--batch-size",
-               str(args.batch_size), "--num-workers", str(args.num_workers)]  # fmt: skip
+               str(args.batch_size), "--num-workers", str(args.num_workers), "--linears", args.linears]  # fmt: skip
     if args.caption_first:
         command.append("--caption-first")
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # its log goes to our stderr as it comes
@@ -198,6 +202,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--linears", default="fast", choices=["fast", "plain"], help="FastCPULinear or nn.Linear")
     parser.add_argument("--caption-first", action="store_true", help="measure af2 caption before one at a time")
     parser.add_argument("--json-out")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -135,7 +135,11 @@ def caption(
             if device == "auto" and resolved_device.type == "cuda" and processes.world_size > 1:
                 resolved_device = torch.device("cuda", processes.local_rank)
             model, processor = load_model_and_processor(
-                model_id, device=resolved_device, dtype=_resolve_dtype(dtype, resolved_device), original_config=config
+                model_id,
+                device=resolved_device,
+                dtype=_resolve_dtype(dtype, resolved_device),
+                original_config=config,
+                fast_cpu_linears=True,  # as every command does on CPU; a no-op on GPUs
             )
         else:
             if processor is None:
