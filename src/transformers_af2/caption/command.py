@@ -97,8 +97,8 @@ def caption(
         output: `.jsonl` (default), `.parquet` or `.csv`.
         prompts: the questions asked about every clip (a clip with its own manifest prompt is asked that one).
         model: model id or directory (see `load_model_and_processor`), or a loaded AF2 model with `processor`.
-        dtype, device: as in `af2 generate` (`auto`: bfloat16 on GPU, float32 on CPU; the process's GPU under
-            torchrun).
+        dtype, device: as in `af2 generate` (`auto`: bfloat16 on GPU, float32 on CPU); under torchrun "auto" and
+            "cuda" mean the process's own GPU, `cuda:LOCAL_RANK`.
         Others: see `af2 caption --help`.
 
     Returns:
@@ -132,8 +132,8 @@ def caption(
             # A directory is recorded by its absolute path, so that a rerun from another folder matches.
             recorded_id = os.path.abspath(local) if os.path.isdir(local) else model_id
             resolved_device = _resolve_device(device)
-            if device == "auto" and resolved_device.type == "cuda" and processes.world_size > 1:
-                resolved_device = torch.device("cuda", processes.local_rank)
+            if resolved_device.type == "cuda" and resolved_device.index is None and processes.world_size > 1:
+                resolved_device = torch.device("cuda", processes.local_rank)  # one GPU per process of the node
             model, processor = load_model_and_processor(
                 model_id,
                 device=resolved_device,
