@@ -273,3 +273,20 @@ def test_prompts_given_twice_are_asked_once_and_bad_prompts_fail_before_the_run(
     with pytest.raises(ValueError, match=r"prompt '<audio><audio>twice' holds 2 <audio> tokens"):
         _run(loaded, [clip], tmp_path / "bad.jsonl", prompts=["<audio><audio>twice"])
     assert not (tmp_path / "bad.jsonl.parts").exists()
+
+
+def test_batches_group_clips_of_equal_window_count(loaded, tmp_path, monkeypatch):
+    _, model, _ = loaded
+    clips = [_noise(tmp_path / f"c{i}.wav", seconds, i) for i, seconds in enumerate([1.0, 25.0, 2.0, 21.0])]
+    window_counts = []
+    real_generate = model.generate
+
+    def recording_generate(**inputs):
+        window_counts.append(inputs["input_features_mask"].sum(dim=1).tolist())
+        return real_generate(**inputs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    summary = _run(loaded, clips, tmp_path / "out.jsonl", batch_size=2, lookahead=4)
+    assert summary.done == 4
+    assert window_counts == [[1, 1], [3, 3]]  # not the input order's [1, 3], [1, 3]
+    assert [r["windows"] for r in _read_jsonl(tmp_path / "out.jsonl")] == [1, 3, 1, 3]  # rows in input order
