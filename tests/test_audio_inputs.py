@@ -145,14 +145,15 @@ def test_one_hour_file_reads_only_what_is_used(extractor, tmp_path, monkeypatch)
     reads = []
     original_read = sf.SoundFile.read
 
-    def spy(self, frames=-1, *args, **kwargs):
-        reads.append(frames)
-        return original_read(self, frames, *args, **kwargs)
+    def spy(self, *args, **kwargs):
+        block = original_read(self, *args, **kwargs)
+        reads.append(len(block))
+        return block
 
     monkeypatch.setattr(sf.SoundFile, "read", spy)
     _, mask = features_of(extractor, str(path))
     assert mask.tolist() == [[1, 1, 1]]
-    assert reads == [3 * 8000]
+    assert sum(reads) == 3 * 8000
 
 
 def test_short_audio_gives_one_padded_window(extractor):

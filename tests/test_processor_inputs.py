@@ -26,7 +26,9 @@ def test_plain_question_becomes_af2_prompt(processor):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("<SEP> no audio marker but given as is <audio><audio>", r"batch index 0 holds 2 <audio> tokens"),
+        ("<SEP> a question holding <audio><audio>", r"text\[0\] contains the special token\(s\) \['<audio>'\]"),
+        ("<audio>two markers<audio><SEP>", r"text\[0\] starts with <audio>, .* but it holds 2 <audio>"),
+        ("<audio>a ready prompt without its separator", r"text\[0\] starts with <audio>, .* but it holds 0 <SEP>"),
     ],
 )
 def test_audio_marker_count_is_checked(processor, text, message):
@@ -76,18 +78,29 @@ def test_features_on_another_device_raise_a_clear_error():
 @settings(
     max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(question=st.text(max_size=300))
+@given(
+    question=st.text(max_size=300)
+    | st.lists(st.sampled_from(["<audio>", "<SEP>", "<|endoftext|>", "<|im_start|>", " a", "B "]), max_size=6).map(
+        "".join
+    )
+)
 def test_text_path_fuzz(processor, question):
-    """Any string: a prompt with exactly one <audio> at the start, or the documented marker-count error."""
+    """Any string: a prompt with one <audio> first and one <SEP>, never a control token from the question; or the
+    error naming the special tokens in it (or, for a text starting with <audio>, the ready-prompt error)."""
     audio = np.full(1600, 0.1, dtype=np.float32)
     try:
         batch = processor(text=[question], audio=[audio], sampling_rate=16000)
     except ValueError as error:
-        assert "<audio>" in question.lower() and "<audio> tokens" in str(error)
+        if question.startswith("<audio>"):
+            assert "used as a ready prompt" in str(error)
+        else:
+            found = processor.control_tokens_in(question.lower().strip())
+            assert found and f"contains the special token(s) {found}" in str(error)
         return
     ids = batch["input_ids"][0].tolist()
-    assert ids.count(processor.audio_token_id) == 1
-    if "<audio>" not in question:
-        assert ids[0] == processor.audio_token_id
-        assert ids[-1] == processor.tokenizer.convert_tokens_to_ids("<SEP>")
+    sep_id = processor.tokenizer.convert_tokens_to_ids("<SEP>")
+    assert ids[0] == processor.audio_token_id and ids.count(processor.audio_token_id) == 1 and ids.count(sep_id) == 1
+    if not question.startswith("<audio>"):
+        assert ids[-1] == sep_id
+        assert not set(ids[1:-1]) & set(processor.tokenizer.get_added_vocab().values())
     assert torch.isfinite(batch["input_features"]).all()

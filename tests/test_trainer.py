@@ -5,6 +5,7 @@ model, a character-level tokenizer with AF2's special tokens and synthetic audio
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import string
@@ -43,6 +44,12 @@ from transformers_af2.trainer.cli import add_train_parser
 from transformers_af2.trainer.stages import component_modules
 
 LOSS_TOLERANCE = 1e-4
+# transformers renamed gradient_checkpointing to activation_checkpointing (the old name is a deprecated alias since).
+CHECKPOINTING = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in {field.name for field in dataclasses.fields(TrainingArguments)}
+)
 COMPONENT_PREFIXES = {"audio_tower": "model.audio_tower.", "audio_transformer": "model.audio_transformer."}
 SAMPLING_RATE = 16000
 
@@ -302,6 +309,7 @@ def test_only_the_stage_parameters_change(tiny_processor, two_examples, tmp_path
     trainer = AudioFlamingo2Trainer(
         model=model,
         args=_args(tmp_path, weight_decay=0.1),
+        trainable=summary,
         data_collator=AudioFlamingo2DataCollator(tiny_processor),
         train_dataset=from_hf_dataset(__import__("datasets").Dataset.from_list(two_examples)),
     )
@@ -376,9 +384,9 @@ def test_resume_continues_the_same_loss_curve(tiny_processor, audio_files, tmp_p
 
     def run(resume=None):
         model = tiny_model(tiny_processor, seed=2, gates=0.5)
-        set_trainable_parameters(model, "pretrain")
         trainer = AudioFlamingo2Trainer(
             model=model,
+            trainable=set_trainable_parameters(model, "pretrain"),
             args=_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-2),
             data_collator=AudioFlamingo2DataCollator(tiny_processor),
             train_dataset=dataset,
@@ -395,9 +403,9 @@ def test_resume_continues_the_same_loss_curve(tiny_processor, audio_files, tmp_p
 
 def _one_sgd_step(processor, examples, tmp_path, stage="finetune", **overrides):
     model = tiny_model(processor, seed=3, gates=0.5)
-    set_trainable_parameters(model, stage)
     trainer = AudioFlamingo2Trainer(
         model=model,
+        trainable=set_trainable_parameters(model, stage),
         args=_args(
             tmp_path, max_steps=1, optim="sgd", learning_rate=1.0, train_sampling_strategy="sequential", **overrides
         ),
@@ -411,9 +419,7 @@ def _one_sgd_step(processor, examples, tmp_path, stage="finetune", **overrides):
 def test_gradient_checkpointing_matches_plain_step(tiny_processor, two_examples, tmp_path):
     """Stage "finetune": the audio tower, audio transformer and cross-attention all recompute in the backward."""
     plain, plain_loss = _one_sgd_step(tiny_processor, two_examples, tmp_path)
-    checkpointed, checkpointed_loss = _one_sgd_step(
-        tiny_processor, two_examples, tmp_path, gradient_checkpointing=True
-    )
+    checkpointed, checkpointed_loss = _one_sgd_step(tiny_processor, two_examples, tmp_path, **{CHECKPOINTING: True})
     initial = dict(tiny_model(tiny_processor, seed=3, gates=0.5).named_parameters())
     moved = {n for n in plain if not torch.equal(plain[n], initial[n])}
     assert {n.split(".")[1] for n in moved} >= {"audio_tower", "audio_transformer", "language_model"}
@@ -585,8 +591,15 @@ def test_cli_trains_resumes_and_trains_lora(tiny_processor, two_examples, tmp_pa
     ]
     out = tmp_path / "run"
     assert (
-        _cli(common + ["--output-dir", str(out), "--stage", "pretrain", "--max-steps", "2", "--save-steps", "2"]) == 0
+        _cli(
+            common
+            + ["--output-dir", str(out), "--stage", "pretrain", "--max-steps", "2", "--save-steps", "2"]
+            + ["--activation-checkpointing"]  # the current name, on every supported transformers release
+        )
+        == 0
     )
+    saved_args = torch.load(out / "training_args.bin", weights_only=False)
+    assert saved_args.gradient_checkpointing is True  # both names, whichever this release calls it
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and len([e for e in state["log_history"] if "loss" in e]) == 2
     assert (out / "checkpoint-2").is_dir() and (out / "model.safetensors").is_file()

@@ -7,6 +7,7 @@ processor), so `AutoModel.from_pretrained(converted_dir)` and friends work, and 
 
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForMultimodalLM, AutoProcessor
 
+from . import hub_ids
 from .modeling import (
     AudioFlamingo2Cache,
     AudioFlamingo2Config,
@@ -27,6 +28,8 @@ AutoFeatureExtractor.register(AudioFlamingo2Config, AudioFlamingo2FeatureExtract
 AutoProcessor.register(AudioFlamingo2Config, AudioFlamingo2Processor, exist_ok=True)
 # pipeline("audio-text-to-text") and AF2 as a supported pipeline("any-to-any") model.
 register_pipelines()
+# Original-layout checkpoints (the released hub ids, their fine-tunes) wherever a model id is taken; see hub_ids.py.
+hub_ids.install()
 
 __all__ = [
     "AudioFlamingo2Cache",

@@ -48,7 +48,17 @@ def _add_convert(subparsers) -> None:
     parser.add_argument(
         "source", help="local directory or hub id in the original layout, e.g. nvidia/audio-flamingo-2"
     )
-    parser.add_argument("output", help="directory to write the converted repository to (replaced atomically)")
+    parser.add_argument(
+        "output",
+        help="directory to write the converted repository to; an earlier conversion there is replaced atomically, "
+        "anything else is refused unless --overwrite",
+    )
+    parser.add_argument("--revision", help="branch, tag or commit of a hub SOURCE (default: main)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUTPUT even when it is not an earlier AF2 conversion (its content is deleted)",
+    )
     parser.add_argument(
         "--config",
         help="the original configs/inference.yaml (clap_config + model_config); not needed for the released hub ids",
@@ -66,31 +76,33 @@ def _add_convert(subparsers) -> None:
 def _run_convert(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .convert import convert_checkpoint, resolve_source, save_atomically
+    from .convert import check_output, convert_checkpoint, resolve_source
 
     if args.quiet:
         _disable_progress_bars()
     # disable=None: tqdm shows the bar only when stderr is a terminal (not in logs or CI).
     bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
     with hf_logging.tqdm(
-        total=3, desc="af2 convert", bar_format=bar_format, disable=True if args.quiet else None
+        total=2, desc="af2 convert", bar_format=bar_format, disable=True if args.quiet else None
     ) as bar:
         bar.set_postfix_str(f"fetching {args.source}")
-        resolve_source(args.source)  # hub ids: download (huggingface_hub shows a bar per file); directories: as is
+        # hub ids: download (huggingface_hub shows a bar per file); directories: as is
+        directory = resolve_source(args.source, args.revision)
+        check_output(args.output, directory, args.overwrite)  # refuse before the conversion, not after it
         bar.update()
-        bar.set_postfix_str("reading and converting weights")
-        model, processor = convert_checkpoint(
+        bar.set_postfix_str(f"converting into {args.output}")
+        convert_checkpoint(
             args.source,
-            None,
+            args.output,
             config=args.config,
             tokenizer=args.tokenizer,
             lm_config=args.lm_config,
             lm_weights=args.lm_weights,
             dtype=args.dtype,
+            revision=args.revision,
+            overwrite=args.overwrite,
+            directory=directory,
         )
-        bar.update()
-        bar.set_postfix_str(f"writing {args.output}")
-        save_atomically(model, processor, args.output)
         bar.update()
     print(f"wrote {args.output}")
     return 0
@@ -239,28 +251,29 @@ def load_model_and_processor(
 ):
     """
     `(model, processor)` for a converted repository (local or hub) or an original-layout checkpoint (hub id or
-    directory; converted on first use and cached, see `AudioFlamingo2ForConditionalGeneration.from_pretrained`).
-    `original_config` is the original inference YAML, for original-layout directories that lack one.
+    directory; converted on first use and cached, see `transformers_af2.hub_ids`). `original_config` is the original
+    inference YAML, for original-layout directories that lack one.
     `fast_cpu_linears` turns on the CPU inference kernels of `transformers_af2.modeling.cpu_linear` when the model
     runs on CPU (the commands do; a model meant for quantization, PEFT or training must not).
     """
     from transformers import AutoProcessor
 
-    from .convert import converted_cache_path, is_original_layout
+    from .convert import cached_conversion, is_original_layout
     from .modeling import AudioFlamingo2ForConditionalGeneration
 
     looks_local = os.path.isabs(model_id) or model_id.startswith((".", "~")) or os.path.exists(model_id)
     if looks_local and not os.path.isdir(os.path.expanduser(model_id)):
         raise FileNotFoundError(f"model {model_id}: no such directory.")
     model_id = os.path.expanduser(model_id)
-    options = {} if original_config is None else {"original_config": original_config}
-    if options and not is_original_layout(model_id):
-        raise ValueError(
-            f"original_config (--config) is for checkpoints in the original layout; {model_id} is not one."
-        )
-    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(model_id, dtype=dtype, **options)
-    processor_source = converted_cache_path(model_id, **options) if is_original_layout(model_id) else model_id
-    processor = AutoProcessor.from_pretrained(processor_source)
+    if original_config is not None:
+        if not is_original_layout(model_id):
+            raise ValueError(
+                f"original_config (--config) is for checkpoints in the original layout; {model_id} is not one."
+            )
+        model_id = str(cached_conversion(model_id, config=original_config))
+    # An original-layout id is converted (once, cached) by these calls themselves: see transformers_af2.hub_ids.
+    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(model_id)
     if device is not None:
         model.to(device)
     if fast_cpu_linears and model.device.type == "cpu":
@@ -412,6 +425,18 @@ def _add_caption(subparsers) -> None:
     add_caption_parser(subparsers, formatter_class=_HelpFormatter)
 
 
+def _add_demo(subparsers) -> None:
+    from .demo import add_demo_parser
+
+    add_demo_parser(subparsers, formatter_class=_HelpFormatter, default_model=DEFAULT_MODEL)
+
+
+def _add_serve(subparsers) -> None:
+    from .serving import add_serve_parser
+
+    add_serve_parser(subparsers, formatter_class=_HelpFormatter, default_model=DEFAULT_MODEL)
+
+
 def _fail(message: str) -> int:
     raise RuntimeError(message)
 
@@ -447,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(subparsers)
     _add_caption(subparsers)
     _add_train(subparsers)
+    _add_demo(subparsers)
+    _add_serve(subparsers)
     return parser
 
 

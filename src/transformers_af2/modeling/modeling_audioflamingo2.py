@@ -704,34 +704,10 @@ class AudioFlamingo2ForConditionalGeneration(AudioFlamingo2PreTrainedModel, Gene
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """
-        Loads a converted repository as usual. A directory or hub id in NVIDIA's original layout (`safe_ckpt/`,
-        `clap_ckpt/`) is converted first and the result cached (see `transformers_af2.convert`); the conversion
-        options `original_config` (the original inference YAML), `tokenizer`, `lm_config` and `lm_weights` may be
-        given as keyword arguments.
+        Loads a transformers repository as usual, then copies the integer buffers out of the memory-mapped file (see
+        `_copy_integer_buffers`). Checkpoints in NVIDIA's original layout are converted before they get here, by
+        `transformers_af2.hub_ids`.
         """
-        from ..convert import convert_checkpoint, converted_cache_path, is_original_layout
-
-        options = {
-            k: kwargs.pop(k) for k in ("original_config", "tokenizer", "lm_config", "lm_weights") if k in kwargs
-        }
-        if is_original_layout(pretrained_model_name_or_path):
-            cached = converted_cache_path(pretrained_model_name_or_path, **options)
-            if not (cached / "config.json").is_file():
-                logger.warning(f"Converting {pretrained_model_name_or_path} from the original layout into {cached}.")
-                convert_checkpoint(
-                    pretrained_model_name_or_path,
-                    cached,
-                    config=options.get("original_config"),
-                    tokenizer=options.get("tokenizer"),
-                    lm_config=options.get("lm_config"),
-                    lm_weights=options.get("lm_weights"),
-                )
-            pretrained_model_name_or_path = cached
-        elif options:
-            raise ValueError(
-                f"{sorted(options)} are conversion options, only for checkpoints in the original layout; "
-                f"{pretrained_model_name_or_path} is not one."
-            )
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on request
         _copy_integer_buffers(model)

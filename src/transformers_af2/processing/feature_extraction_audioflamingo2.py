@@ -45,13 +45,65 @@ def quantize_int16(waveform: np.ndarray) -> np.ndarray:
     return (np.clip(waveform, -1.0, 1.0) * 32767.0).astype(np.int16).astype(np.float32) / np.float32(32767.0)
 
 
+# Sampling rates the front end accepts, in Hz. Below 1 kHz nothing of the 50-8000 Hz mel range survives; above
+# 768 kHz (the highest rate audio interfaces record) a rate is almost certainly a mistake, and soxr's filter
+# design for ratios beyond that takes minutes to hours or gives silence.
+MIN_SAMPLING_RATE = 1_000
+MAX_SAMPLING_RATE = 768_000
+# Float32 values per block when reading a file: 4 MiB, whatever the channel count.
+_BLOCK_VALUES = 1 << 20
+
+
+def pydub_mono(pcm: np.ndarray) -> np.ndarray:
+    """16-bit PCM values `(frames, channels)` -> mono float32 the way the original read MP3 through pydub:
+    channels averaged as `audioop.tomono` does (`floor(0.5 * l + 0.5 * r)`, clamped to int16), then divided by
+    32767. One channel is floored the same way (pydub's samples are integers)."""
+    mono = np.floor(pcm.mean(axis=1) if pcm.ndim == 2 else pcm)
+    return (np.clip(mono, -32768.0, 32767.0) / 32767.0).astype(np.float32)
+
+
+def check_sampling_rate(rate, name: str, what: str = "sampling_rate") -> int:
+    """`rate` as an int when it is a whole number of Hz within `MIN_SAMPLING_RATE..MAX_SAMPLING_RATE`, else a
+    `ValueError` naming the input."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise ValueError(f"{name}: {what} must be a positive integer in Hz, got {rate!r}.")
+    if not MIN_SAMPLING_RATE <= rate <= MAX_SAMPLING_RATE:
+        raise ValueError(
+            f"{name}: {what} is {rate} Hz, outside the {MIN_SAMPLING_RATE}..{MAX_SAMPLING_RATE} Hz this front end "
+            "accepts; give the rate in Hz (16000 for 16 kHz) or resample the audio first."
+        )
+    return int(rate)
+
+
+def _printable(path) -> str:
+    """A path as text that can always be printed: bytes that are not valid UTF-8 show as `\\udcXX` escapes."""
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _checked_path(path, name: str):
+    """The path in the form libsndfile opens whatever its encoding (bytes on POSIX), after checking that it is an
+    existing regular file."""
+    location = Path(path)
+    if not location.exists():
+        raise FileNotFoundError(f"{name}: no such audio file.")
+    if location.is_dir():
+        raise IsADirectoryError(f"{name}: is a directory, not an audio file; pass the audio files inside it.")
+    if not location.is_file():
+        raise ValueError(f"{name}: not a regular file; pass an audio file, its bytes, or an array.")
+    # soundfile encodes str paths strictly, which fails for names that are not valid in the file system encoding
+    # (undecodable bytes arrive as surrogate escapes); os.fsencode gives back the original bytes.
+    return os.fsencode(location) if os.name == "posix" else str(location)
+
+
 class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
     r"""
     Turns audio into AF2's windowed log-mel features.
 
     Steps, as in the original inference code:
-      1. read the file with libsndfile, keeping the **first channel** of multi-channel files and only the frames the
-         windows can use (`max_num_window` windows); arrays are taken as given with their `sampling_rate`;
+      1. read the file with libsndfile, keeping the **first channel** of multi-channel files (MP3: the **average** of
+         the channels, clipped to [-1, 1], as the original's pydub decoding) and only the frames the windows can use
+         (`max_num_window` windows), block by block; arrays are taken as given with their `sampling_rate`
+         (1 kHz to 768 kHz);
       2. float data with peaks outside [-1, 1] is divided by its peak;
       3. resample to `sampling_rate` (16 kHz) with soxr "HQ";
       4. peak-normalise: `2 * x / max(x) - 1` when the minimum is >= 0, else `x / max(|x|)`;
@@ -92,17 +144,58 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             return_attention_mask=return_attention_mask,
             **kwargs,
         )
-        self.window_length = float(window_length)
-        self.window_overlap = float(window_overlap)
-        self.max_num_window = int(max_num_window)
+        self.window_length = window_length
+        self.window_overlap = window_overlap
+        self.max_num_window = max_num_window
         self.n_fft = n_fft
         self.win_length = win_length
         self.hop_length = hop_length
-        self.f_min = float(f_min)
-        self.f_max = float(f_max)
+        self.f_min = f_min
+        self.f_max = f_max
+        self._validate_config()
+        self.window_length, self.window_overlap = float(window_length), float(window_overlap)
+        self.f_min, self.f_max = float(f_min), float(f_max)
+
+    def _validate_config(self) -> None:
+        """Every setting checked at construction (and so at `from_pretrained`), with the value and the rule."""
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+        def whole(key: str, minimum: int) -> None:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise ValueError(f"{type(self).__name__}: {key} must be an integer >= {minimum}, got {value!r}.")
+
+        for key in ("feature_size", "max_num_window", "n_fft", "win_length", "hop_length"):
+            whole(key, 1)
+        check_sampling_rate(self.sampling_rate, type(self).__name__)
+        name = type(self).__name__
+        for key in ("window_length", "window_overlap", "f_min", "f_max"):
+            value = getattr(self, key)
+            if not number(value) or not math.isfinite(value):
+                raise ValueError(f"{name}: {key} must be a finite number, got {value!r}.")
+        if self.win_length > self.n_fft:
+            raise ValueError(f"{name}: win_length ({self.win_length}) must be <= n_fft ({self.n_fft}).")
+        if self.window_overlap < 0:
+            raise ValueError(f"{name}: window_overlap must be >= 0 seconds, got {self.window_overlap!r}.")
         if self.window_overlap >= self.window_length:
             raise ValueError(
-                f"window_overlap ({window_overlap}) must be smaller than window_length ({window_length})."
+                f"{name}: window_overlap ({self.window_overlap}) must be smaller than window_length "
+                f"({self.window_length})."
+            )
+        if int(self.window_length * self.sampling_rate) <= self.n_fft // 2:
+            # The centred STFT reflects n_fft // 2 samples at each edge, which needs a longer window.
+            raise ValueError(
+                f"{name}: window_length ({self.window_length} s) must hold more than n_fft // 2 = {self.n_fft // 2} "
+                f"samples at {self.sampling_rate} Hz."
+            )
+        if int(self.window_length * self.sampling_rate) - int(self.window_overlap * self.sampling_rate) < 1:
+            raise ValueError(f"{name}: window_length - window_overlap must be at least one sample.")
+        if not 0 <= self.f_min < self.f_max <= self.sampling_rate / 2:
+            raise ValueError(
+                f"{name}: need 0 <= f_min < f_max <= sampling_rate / 2; got f_min={self.f_min}, f_max={self.f_max}, "
+                f"sampling_rate={self.sampling_rate}."
             )
 
     # -- sizes -------------------------------------------------------------------------------------------------
@@ -122,45 +215,49 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         return self.window_samples + (self.max_num_window - 1) * self.stride_samples
 
     # -- step 1-4 ----------------------------------------------------------------------------------------------
-    def load_audio(self, audio, sampling_rate: int | None = None, name: str = "audio") -> np.ndarray:
+    def load_audio(
+        self, audio, sampling_rate: int | None = None, name: str = "audio", start: float = 0.0
+    ) -> np.ndarray:
         """One audio input -> peak-normalised float64 waveform at `self.sampling_rate`, cut to the duration the
         windows can hold (with a warning saying how much was dropped).
 
         Accepted: a path; `bytes` or a binary file-like object holding an encoded file; a float array or tensor
         (1-D, or 2-D with up to 8 channels on either axis: the first channel is kept, as for files) with
         `sampling_rate`; a `datasets` Audio dict (`{"array", "sampling_rate"}`, `{"path"}` or `{"bytes"}`).
+        `start` (seconds) skips the beginning, as the original's `audio_start` does. `name` labels the input in
+        error messages (`audio[i]` for the i-th input of a batch).
+
+        Files are read in blocks, one channel kept, so memory grows with the seconds used, not with the channel
+        count or the length of the file.
         """
         if isinstance(audio, dict):
             if audio.get("array") is not None:
-                return self.load_audio(audio["array"], audio.get("sampling_rate", sampling_rate), name)
+                return self.load_audio(audio["array"], audio.get("sampling_rate", sampling_rate), name, start)
             if audio.get("bytes") is not None:
-                return self.load_audio(audio["bytes"], None, name if audio.get("path") is None else audio["path"])
+                label = name if audio.get("path") is None else f"{name}: {_printable(audio['path'])}"
+                return self.load_audio(audio["bytes"], None, label, start)
             if audio.get("path") is not None:
-                return self.load_audio(audio["path"], None, name)
+                return self.load_audio(audio["path"], None, name, start)
             raise ValueError(f"{name}: an audio dict needs 'array' + 'sampling_rate', 'bytes' or 'path'.")
+        if not (isinstance(start, (int, float, np.integer, np.floating)) and math.isfinite(start) and start >= 0):
+            raise ValueError(f"{name}: start must be a number of seconds >= 0, got {start!r}.")
+        mp3 = False
         if isinstance(audio, (str, os.PathLike, bytes, bytearray)) or hasattr(audio, "read"):
             if isinstance(audio, (str, os.PathLike)):
-                name = str(audio)
-                if not Path(audio).is_file():
-                    raise FileNotFoundError(f"{audio}: no such audio file.")
-            source = io.BytesIO(audio) if isinstance(audio, (bytes, bytearray)) else audio
-            data, source_rate, total_frames = self._read_file(source, name)
+                name = f"{name}: {_printable(audio)}"
+                source = _checked_path(audio, name)
+            else:
+                source = io.BytesIO(audio) if isinstance(audio, (bytes, bytearray)) else audio
+            data, peak, source_rate, total_frames, mp3 = self._read_file(source, name, start)
         else:
             if sampling_rate is None:
                 raise ValueError(f"{name}: sampling_rate is required with array input (pass sampling_rate=... in Hz).")
-            if (
-                isinstance(sampling_rate, bool)
-                or not isinstance(sampling_rate, (int, np.integer))
-                or sampling_rate <= 0
-            ):
-                raise ValueError(f"{name}: sampling_rate must be a positive integer in Hz, got {sampling_rate!r}.")
-            data = self._as_float_array(audio, name)
-            source_rate = int(sampling_rate)
-            total_frames = len(data)
-            data = data[: self._frames_needed(source_rate)]
+            source_rate = check_sampling_rate(sampling_rate, name)
+            data, total_frames = self._first_channel(audio, name, start, source_rate)
+            peak = np.abs(data).max() if data.size else 0.0
         if data.size == 0:
-            raise ValueError(f"{name}: the audio is empty (0 samples).")
-        if not np.isfinite(data).all():
+            raise ValueError(f"{name}: the audio is empty (0 samples" + (f" after {start:g} s)." if start else ")."))
+        if not np.isfinite(peak):
             raise ValueError(f"{name}: the audio contains NaN or infinite samples; clean or replace them first.")
         dropped = (total_frames - len(data)) / source_rate
         if dropped > 0:
@@ -169,19 +266,20 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
                 f"of {self.window_length:g} s this model reads; the last {dropped:.1f} s are dropped "
                 "(raise max_num_window to read more)."
             )
-        # Float files with samples outside [-1, 1] are divided by their peak over all channels, as the original did
-        # before keeping the first channel.
-        peak = np.abs(data).max()
-        if peak > 1.0:
-            data = data / peak
-        data = data[:, 0] if data.ndim == 2 else data
+        # Samples outside [-1, 1] are divided by the peak (over all channels for files), as the original did before
+        # keeping the first channel; the division is linear, so doing it on the kept channel gives the same numbers.
+        # MP3 PCM is int16-valued and was never divided.
+        if peak > 1.0 and not mp3:
+            data = data / data.dtype.type(peak)
         if source_rate != self.sampling_rate:
             resampled = soxr.resample(data, source_rate, self.sampling_rate, quality="HQ")
             # librosa.resample (the original's call) pads or trims soxr's output to ceil(n * ratio) samples.
             target_length = int(np.ceil(len(data) * self.sampling_rate / source_rate))
-            resampled = np.pad(resampled, (0, max(0, target_length - len(resampled))))[:target_length]
-            data = resampled
-        return self._peak_normalise(data, name)
+            padding = [(0, max(0, target_length - len(resampled)))] + [(0, 0)] * (resampled.ndim - 1)
+            data = np.pad(resampled, padding)[:target_length]
+        if mp3:
+            data = pydub_mono(data)
+        return self._peak_normalise(data.astype(np.float64, copy=False), name)
 
     def _frames_needed(self, rate: int) -> int:
         # The original reads int(duration * rate) frames of the source, with the duration in seconds computed as
@@ -189,24 +287,49 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         duration = self.max_num_window * (self.window_length - self.window_overlap) + self.window_overlap
         return int(duration * rate)
 
-    def _read_file(self, source, name: str) -> tuple[np.ndarray, int, int]:
-        """Reads only the frames the windows can use: `(frames, channels)`."""
+    def _read_file(self, source, name: str, start: float = 0.0) -> tuple[np.ndarray, float, int, int, bool]:
+        """Reads the frames the windows can use, block by block, keeping only what the original used.
+
+        Returns `(samples, peak, rate, frames, mp3)`. `samples` is float32: the first channel `(n,)`; or, for MP3
+        (`mp3` True), every channel `(n, channels)` as 16-bit PCM values, the way the original's pydub decoding
+        saw them (ffmpeg rounds to int16), to be resampled and mixed down by `pydub_mono`. `peak` is the largest
+        magnitude over all channels read (NaN if any sample is NaN); `frames` the length of the file from `start`.
+        """
         try:
             with sf.SoundFile(source) as handle:
-                rate, total = handle.samplerate, handle.frames
-                data = handle.read(min(total, self._frames_needed(rate)), dtype="float64", always_2d=True)
+                rate, channels = handle.samplerate, handle.channels
+                check_sampling_rate(rate, name, what="the file's sampling rate")
+                first = min(int(start * rate), handle.frames)
+                if first:
+                    handle.seek(first)
+                total = handle.frames - first
+                wanted = min(total, self._frames_needed(rate))
+                mp3 = handle.format == "MP3"
+                samples = np.empty((wanted, channels) if mp3 else wanted, dtype=np.float32)
+                block = np.empty((max(1, min(wanted, _BLOCK_VALUES // channels)), channels), dtype=np.float32)
+                peak, filled = np.float32(0.0), 0
+                while filled < wanted:
+                    chunk = handle.read(out=block[: min(len(block), wanted - filled)])
+                    if len(chunk) == 0:
+                        break
+                    peak = np.maximum(peak, np.abs(chunk).max())  # np.maximum keeps a NaN
+                    if mp3:
+                        np.clip(np.rint(chunk * 32768.0), -32768.0, 32767.0, out=samples[filled : filled + len(chunk)])
+                    else:
+                        samples[filled : filled + len(chunk)] = chunk[:, 0]
+                    filled += len(chunk)
         except (sf.LibsndfileError, RuntimeError, TypeError) as error:
             raise ValueError(
                 f"{name}: cannot decode this audio ({error}); use WAV, FLAC, OGG/Vorbis or MP3, or pass an array."
             ) from error
-        return data, rate, total
+        return samples[:filled], float(peak), rate, total, mp3
 
-    @staticmethod
-    def _as_float_array(audio, name: str) -> np.ndarray:
+    def _first_channel(self, audio, name: str, start: float, rate: int) -> tuple[np.ndarray, int]:
+        """An array input -> its first channel from `start`, only the frames the windows can use, as float64; and
+        the number of frames from `start` on."""
         if isinstance(audio, torch.Tensor):
-            audio = (
-                audio.detach().cpu().float().numpy() if audio.dtype == torch.bfloat16 else audio.detach().cpu().numpy()
-            )
+            audio = audio.detach().cpu()
+            audio = audio.float().numpy() if audio.dtype == torch.bfloat16 else audio.numpy()
         array = np.asarray(audio)
         if not np.issubdtype(array.dtype, np.floating):
             raise TypeError(
@@ -220,7 +343,9 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(
                 f"{name}: expected a 1-D mono waveform (or 2-D with at most 8 channels), got shape {array.shape}."
             )
-        return array.astype(np.float64)
+        first = min(int(start * rate), len(array))
+        used = array[first : first + self._frames_needed(rate)]
+        return used.astype(np.float64), len(array) - first
 
     @staticmethod
     def _peak_normalise(data: np.ndarray, name: str) -> np.ndarray:
@@ -285,20 +410,32 @@ class AudioFlamingo2FeatureExtractor(SequenceFeatureExtractor):
         return audio
 
     # -- batch -------------------------------------------------------------------------------------------------
-    def __call__(self, audio, sampling_rate: int | None = None, return_tensors: str | None = "pt", **kwargs):
+    def __call__(
+        self,
+        audio,
+        sampling_rate: int | None = None,
+        return_tensors: str | None = "pt",
+        start: float | list[float] = 0.0,
+        **kwargs,
+    ):
         """
         Args:
             audio: one input (see `load_audio`) or a list of them.
             sampling_rate: rate of array inputs in Hz.
+            start: seconds to skip at the beginning of every input, or a list with one value per input (the
+                original's `audio_start` of a training item).
         Returns:
             `BatchFeature` with `input_features` (batch, windows, frames, feature_size) and `input_features_mask`.
         """
         items = list(audio) if isinstance(audio, (list, tuple)) else [audio]
         if not items:
             raise ValueError("audio: got an empty list; pass at least one file or array.")
+        starts = list(start) if isinstance(start, (list, tuple)) else [start] * len(items)
+        if len(starts) != len(items):
+            raise ValueError(f"start: got {len(starts)} values for {len(items)} audio inputs; pass one per input.")
         per_sample = [
-            self.split_windows(self.load_audio(item, sampling_rate, name=f"audio[{index}]"))
-            for index, item in enumerate(items)
+            self.split_windows(self.load_audio(item, sampling_rate, name=f"audio[{index}]", start=offset))
+            for index, (item, offset) in enumerate(zip(items, starts))
         ]
         counts = [len(windows) for windows in per_sample]
         all_windows = torch.from_numpy(np.concatenate(per_sample))

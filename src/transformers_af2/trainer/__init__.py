@@ -4,9 +4,10 @@
     from transformers_af2.trainer import (AudioFlamingo2DataCollator, AudioFlamingo2Trainer, load_training_data,
                                           set_trainable_parameters)
 
-    set_trainable_parameters(model, "finetune")                  # AF2's stage recipe
+    trainable = set_trainable_parameters(model, "finetune")      # AF2's stage recipe
     trainer = AudioFlamingo2Trainer(
         model=model,
+        trainable=trainable,                                      # only the new embedding rows train
         args=TrainingArguments("out", train_sampling_strategy="group_by_length", bf16=True),
         data_collator=AudioFlamingo2DataCollator(processor),
         train_dataset=load_training_data("train.json", data_root="/data",
@@ -18,29 +19,44 @@ See `trainer/README.md` for the command line (`af2 train`), LoRA, and multi-GPU 
 """
 
 from .collator import AudioFlamingo2DataCollator, af2_labels, build_training_text
-from .data import count_windows, from_hf_dataset, length_key, load_af2_json, load_jsonl, load_training_data
-from .lora import LORA_TARGETS, apply_lora, load_lora, lora_config, lora_target_regex, merge_lora
+from .data import (
+    DataCheck,
+    check_training_data,
+    count_windows,
+    from_hf_dataset,
+    length_key,
+    load_af2_json,
+    load_jsonl,
+    load_training_data,
+)
+from .lora import LORA_TARGETS, apply_lora, continue_lora, load_lora, lora_config, lora_target_regex, merge_lora
 from .stages import (
     STAGES,
     TrainableSummary,
-    keep_frozen_audio_tower_in_eval,
-    restrict_embedding_gradient,
+    eval_frozen_modules,
+    frozen_eval_module_names,
+    mask_embedding_gradient,
     set_trainable_parameters,
 )
-from .training import AudioFlamingo2Trainer
+from .training import AudioFlamingo2Trainer, last_complete_checkpoint
 
 __all__ = [
     "LORA_TARGETS",
     "STAGES",
     "AudioFlamingo2DataCollator",
     "AudioFlamingo2Trainer",
+    "DataCheck",
     "TrainableSummary",
     "af2_labels",
     "apply_lora",
     "build_training_text",
+    "check_training_data",
+    "continue_lora",
     "count_windows",
+    "eval_frozen_modules",
+    "frozen_eval_module_names",
     "from_hf_dataset",
-    "keep_frozen_audio_tower_in_eval",
+    "last_complete_checkpoint",
     "length_key",
     "load_af2_json",
     "load_jsonl",
@@ -48,7 +64,7 @@ __all__ = [
     "load_training_data",
     "lora_config",
     "lora_target_regex",
+    "mask_embedding_gradient",
     "merge_lora",
-    "restrict_embedding_gradient",
     "set_trainable_parameters",
 ]

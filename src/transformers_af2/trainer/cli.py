@@ -5,9 +5,13 @@
         --learning-rate 2e-5 --bf16 --train-sampling-strategy group_by_length
 
 Every `TrainingArguments` field is an option (`--learning-rate` or `--learning_rate`, `--bf16`,
-`--gradient-checkpointing`, `--resume-from-checkpoint PATH|last`, `--fsdp`, `--deepspeed`, ...). Multi-GPU:
-`accelerate launch -m transformers_af2.trainer.cli train ...` or
-`torchrun --nproc-per-node 8 -m transformers_af2.trainer.cli train ...` (see `trainer/README.md` for an FSDP config).
+`--activation-checkpointing`, `--resume-from-checkpoint PATH|last`, `--fsdp`, `--deepspeed`, ...). Several
+processes: `torchrun --nproc-per-node N -m transformers_af2.trainer.cli train ...` or `accelerate launch --multi_gpu
+--num_processes N -m transformers_af2.trainer.cli train ...`; on a machine without GPUs the processes train together
+with gloo DDP, and a launch the Trainer would not run as one job is refused (see `trainer/README.md`).
+
+Before the model loads, every row of the data is read (`data.check_training_data`): bad rows stop the run, or are
+dropped with `--skip-bad-rows` and listed in OUTPUT_DIR/dropped_rows.jsonl.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import os
 import sys
 from typing import get_type_hints
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 from .stages import STAGES
 
@@ -38,6 +44,8 @@ _OWN_OPTIONS = (
     "max_length",
     "weight_decay_scope",
     "preprocessing_num_workers",
+    "skip_bad_rows",
+    "dropped_rows_file",
     "merge_lora",
     "handler",
     "command",
@@ -59,7 +67,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     own.add_argument(
         "--model",
         required=True,
-        help="converted AF2 repository (directory or hub id), or a checkpoint in the original layout",
+        help="converted AF2 repository (directory or hub id), a checkpoint in the original layout, or a LoRA "
+        "adapter saved by af2 train (folder or hub id): that adapter is then trained further",
     )
     own.add_argument("--processor", help="processor to use (default: the one saved with --model)")
     own.add_argument(
@@ -78,27 +87,26 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     )
     own.add_argument(
         "--stage",
-        default="finetune",
         choices=sorted(STAGES),
         help="what trains: pretrain (audio transformer + cross-attention), finetune (+ audio tower), "
-        "long-audio (audio transformer + cross-attention), full (everything), none (LoRA only)",
+        "long-audio (audio transformer + cross-attention), full (everything), none (LoRA only). "
+        "Default: finetune; with --lora: none (the adapters only)",
     )
     own.add_argument(
         "--train-embeddings",
         "--train_embeddings",
         dest="train_embeddings",
-        default="new",
         choices=["new", "all", "none"],
         help="input embeddings: 'new' = only the <audio> and <|endofchunk|> rows (the original), "
-        "'all' = the whole matrix, 'none' = frozen",
+        "'all' = the whole matrix, 'none' = frozen. Default: new; with --lora: none",
     )
     own.add_argument(
         "--lora",
         metavar="TARGETS",
         help="LoRA adapters on language_model, cross_attention, audio_transformer or both "
-        "(comma-separated); the stage's other components then train fully beside them",
+        "(comma-separated); only the adapters train unless --stage / --train-embeddings add more",
     )
-    own.add_argument("--lora-r", "--lora_r", dest="lora_r", type=int, default=16, help="LoRA rank")
+    own.add_argument("--lora-r", "--lora_r", dest="lora_r", type=int, help="LoRA rank (default 16)")
     own.add_argument("--lora-alpha", "--lora_alpha", dest="lora_alpha", type=int, help="LoRA alpha (default 2 * r)")
     own.add_argument("--lora-dropout", "--lora_dropout", dest="lora_dropout", type=float, default=0.05)
     own.add_argument(
@@ -130,16 +138,44 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         "--preprocessing_num_workers",
         dest="preprocessing_num_workers",
         type=int,
-        help="processes for reading the data files' audio headers",
+        help="processes for reading the data files' audio headers and checking every row",
+    )
+    own.add_argument(
+        "--skip-bad-rows",
+        "--skip_bad_rows",
+        dest="skip_bad_rows",
+        action="store_true",
+        help="drop rows that cannot be trained on (missing fields, audio that does not decode, no answer token left "
+        "under --max-length) instead of stopping; each is listed in --dropped-rows-file",
+    )
+    own.add_argument(
+        "--dropped-rows-file",
+        "--dropped_rows_file",
+        dest="dropped_rows_file",
+        help="where --skip-bad-rows lists the dropped rows (default OUTPUT_DIR/dropped_rows.jsonl; "
+        "OUTPUT_DIR/dropped_eval_rows.jsonl for --eval-file)",
     )
 
     training = parser.add_argument_group("TrainingArguments")
     hints = get_type_hints(TrainingArguments)
-    for field in dataclasses.fields(TrainingArguments):
-        if not field.init or field.name in _OWN_OPTIONS:
+    fields = {field.name: field for field in dataclasses.fields(TrainingArguments) if field.init}
+    for name, field in fields.items():
+        if name in _OWN_OPTIONS:
             continue
-        field.type = hints[field.name]
+        field.type = hints[name]
         HfArgumentParser._parse_dataclass_field(training, field)
+    if "activation_checkpointing" not in fields:
+        # Releases before the rename call it gradient_checkpointing; the current name works on every release.
+        training.add_argument(
+            "--activation-checkpointing",
+            "--activation_checkpointing",
+            dest="gradient_checkpointing",
+            type=string_to_bool,
+            nargs="?",
+            const=True,
+            default=argparse.SUPPRESS,
+            help="recompute activations in the backward pass (gradient_checkpointing in this transformers release)",
+        )
     # Evaluation reports the loss only unless asked otherwise: gathering full-vocabulary logits of a whole eval set
     # costs far more memory than a language model's evaluation needs.
     parser.set_defaults(handler=run_train, prediction_loss_only=True)
@@ -147,11 +183,96 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def training_arguments_from(args: argparse.Namespace) -> TrainingArguments:
+    """`TrainingArguments` from the parsed options. Launched as several processes (`WORLD_SIZE` > 1) on a machine
+    without CUDA, the run is put on the CPU with gloo (the Trainer otherwise runs N unrelated trainings); a launch
+    that still would not train as one job raises, naming the options to add."""
     names = {field.name for field in dataclasses.fields(TrainingArguments) if field.init}
     values = {name: value for name, value in vars(args).items() if name in names}
     if not values.get("output_dir"):
         raise ValueError("--output-dir is required.")
-    return TrainingArguments(**values)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not torch.cuda.is_available():
+        values["use_cpu"] = True
+        values["ddp_backend"] = values.get("ddp_backend") or "gloo"
+    training_args = TrainingArguments(**values)
+    if world_size > 1 and training_args.world_size != world_size:
+        raise ValueError(
+            f"launched as {world_size} processes, but the Trainer would run {training_args.world_size} "
+            f"({training_args.parallel_mode}): each process would train alone into the same output folder. On CPU add "
+            "--use-cpu true --ddp-backend gloo; on GPUs give each process its own device (--ddp-backend nccl)."
+        )
+    return training_args
+
+
+def _checked_data(path, reader: dict, collator, args, training_args, dropped_name: str):
+    from .data import check_training_data, load_training_data
+
+    dataset = load_training_data(path, **reader)
+    dropped_file = args.dropped_rows_file if dropped_name == "dropped_rows.jsonl" else None
+    dropped_file = dropped_file or os.path.join(training_args.output_dir, dropped_name)
+    dataset, report = check_training_data(
+        dataset,
+        collator,
+        skip_bad_rows=args.skip_bad_rows,
+        dropped_rows_file=dropped_file if training_args.process_index == 0 else None,
+        source=str(path),
+        num_proc=args.preprocessing_num_workers,
+    )
+    if training_args.process_index == 0:
+        print(str(report), file=sys.stderr)
+        if report.dropped:
+            print(f"{len(report.dropped)} rows dropped, listed in {dropped_file}", file=sys.stderr)
+    if len(dataset) == 0:
+        raise ValueError(f"{path}: no row left to train on ({report}).")
+    return dataset
+
+
+def _model_and_trainable(args, adapter: dict | None):
+    """The model to train and, for a plain model, `set_trainable_parameters`' summary."""
+    from .. import AudioFlamingo2ForConditionalGeneration
+    from .lora import apply_lora, continue_lora, lora_target_regex
+    from .stages import set_trainable_parameters
+
+    if adapter is not None:
+        # A saved adapter trains on as it is: same targets, rank, saved modules and token rows.
+        if args.lora and lora_target_regex(args.lora) != adapter.get("target_modules"):
+            raise ValueError(
+                f"--model {args.model} is an adapter on {adapter.get('target_modules')!r}; --lora {args.lora} asks for "
+                "other targets. Drop --lora to continue this adapter, or start a new one from its base model "
+                f"({adapter.get('base_model_name_or_path')})."
+            )
+        if args.lora_r is not None and args.lora_r != adapter.get("r"):
+            raise ValueError(f"--lora-r {args.lora_r}: the adapter at {args.model} has rank {adapter.get('r')}.")
+        if args.stage not in (None, "none") or args.train_embeddings not in (None, "none"):
+            raise ValueError(
+                "--stage / --train-embeddings do not apply when continuing an adapter: what it saves trains on."
+            )
+        model = continue_lora(args.model, dtype="float32")
+        return model, None, "continuing adapter"
+
+    stage = args.stage or ("none" if args.lora else "finetune")
+    train_embeddings = {"new": True, "all": "all", "none": False}[
+        args.train_embeddings or ("none" if args.lora else "new")
+    ]
+    if args.lora and train_embeddings == "all":
+        raise ValueError("--train-embeddings all does not combine with --lora; use 'new' or 'none'.")
+    # A local folder is loaded by its absolute path, so that an adapter trained on it names a base that loads from
+    # any working directory.
+    source = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
+    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(source, dtype="float32")
+    if args.lora:
+        model = apply_lora(
+            model,
+            targets=args.lora,
+            r=16 if args.lora_r is None else args.lora_r,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            stage=None if stage == "none" else stage,
+            train_embeddings=bool(train_embeddings),
+        )
+        return model, None, f"LoRA on {args.lora} (stage {stage})"
+    summary = set_trainable_parameters(model, stage, train_embeddings=train_embeddings)
+    return model, summary, str(summary)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -159,67 +280,64 @@ def run_train(args: argparse.Namespace) -> int:
     import transformers
     from transformers import AutoProcessor
 
-    from .. import AudioFlamingo2ForConditionalGeneration
     from .collator import AudioFlamingo2DataCollator
-    from .data import load_training_data
-    from .lora import apply_lora, merge_lora
-    from .stages import set_trainable_parameters
-    from .training import AudioFlamingo2Trainer
+    from .lora import adapter_config_of, merge_lora
+    from .training import AudioFlamingo2Trainer, last_complete_checkpoint
 
     training_args = training_arguments_from(args)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
 
-    train_embeddings = {"new": True, "all": "all", "none": False}[args.train_embeddings]
-    if args.lora and train_embeddings == "all":
-        raise ValueError("--train-embeddings all does not combine with --lora; use 'new' or 'none'.")
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("true", "last", "latest"):
+        resume = last_complete_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise ValueError(
+                f"--resume-from-checkpoint {training_args.resume_from_checkpoint}: no complete checkpoint in "
+                f"{training_args.output_dir}."
+            )
 
-    processor = AutoProcessor.from_pretrained(args.processor or args.model)
+    adapter = adapter_config_of(args.model)
+    processor_source = args.processor or args.model
+    if args.processor is None and adapter is not None:
+        has_processor = os.path.isfile(os.path.join(args.model, "processor_config.json"))
+        processor_source = args.model if has_processor else adapter.get("base_model_name_or_path")
+    processor = AutoProcessor.from_pretrained(processor_source)
+    collator = AudioFlamingo2DataCollator(processor, max_length=args.max_length)
     reader = {
         "data_root": args.data_root,
         "feature_extractor": processor.feature_extractor,
         "num_proc": args.preprocessing_num_workers,
     }
-    with training_args.main_process_first(desc="reading the training data"):
-        train_dataset = load_training_data(args.train_file, **reader)
-        eval_dataset = load_training_data(args.eval_file, **reader) if args.eval_file else None
-
-    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(args.model, dtype="float32")
-    if args.lora:
-        model = apply_lora(
-            model,
-            targets=args.lora,
-            r=args.lora_r,
-            alpha=args.lora_alpha,
-            dropout=args.lora_dropout,
-            stage=None if args.stage == "none" else args.stage,
-            train_embeddings=bool(train_embeddings),
+    # Every row is read before the model loads: a bad row stops the run now, not hours in.
+    with training_args.main_process_first(desc="reading and checking the data"):
+        train_dataset = _checked_data(args.train_file, reader, collator, args, training_args, "dropped_rows.jsonl")
+        eval_dataset = (
+            _checked_data(args.eval_file, reader, collator, args, training_args, "dropped_eval_rows.jsonl")
+            if args.eval_file
+            else None
         )
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"LoRA on {args.lora} (stage {args.stage}): {trainable:,} trainable parameters", file=sys.stderr)
-    else:
-        print(set_trainable_parameters(model, args.stage, train_embeddings=train_embeddings), file=sys.stderr)
+
+    # The seed covers the adapter initialisation too (the Trainer seeds only when it is built, after it).
+    transformers.set_seed(training_args.seed)
+    model, trainable, description = _model_and_trainable(args, adapter)
+    if trainable is None:
+        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        description = f"{description}: {count:,} trainable parameters"
+    if training_args.process_index == 0:
+        print(description, file=sys.stderr)
 
     trainer = AudioFlamingo2Trainer(
         model=model,
         args=training_args,
-        data_collator=AudioFlamingo2DataCollator(processor, max_length=args.max_length),
+        data_collator=collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
         weight_decay_scope=args.weight_decay_scope,
+        trainable=trainable,
     )
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "last", "latest"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is None:
-            raise ValueError(
-                f"--resume-from-checkpoint {training_args.resume_from_checkpoint}: no checkpoint in "
-                f"{training_args.output_dir}."
-            )
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
@@ -230,7 +348,7 @@ def run_train(args: argparse.Namespace) -> int:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero():
-        if args.lora and args.merge_lora:
+        if (args.lora or adapter is not None) and args.merge_lora:
             merged_dir = os.path.join(training_args.output_dir, "merged")
             merge_lora(trainer.model).save_pretrained(merged_dir)
             processor.save_pretrained(merged_dir)

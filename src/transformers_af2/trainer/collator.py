@@ -6,7 +6,8 @@ The text of one example is the original training code's
 
 tokenised with truncation to `max_length` (512 in the original), right-padded with `<|PAD_TOKEN|>`. Its labels are
 the token ids with -100 everywhere except the answer (the tokens after `<SEP>` up to and including
-`<|endofchunk|>`) and every eos; see `af2_labels` for the exact rule.
+`<|endofchunk|>`) and every eos; the text and the rule are the processor's (`AudioFlamingo2Processor.build_training_text`
+and `.training_labels`, see `af2_labels` in `processing_audioflamingo2` for the exact rule).
 """
 
 from __future__ import annotations
@@ -20,70 +21,16 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+# AF2's text conventions live with the processor; imported here for the collator and for backward compatibility.
+from ..processing.processing_audioflamingo2 import (
+    AUDIO_TOKEN,
+    END_OF_CHUNK_TOKEN,
+    IGNORE_INDEX,
+    af2_labels,
+    build_training_text,
+)
+
 logger = logging.get_logger(__name__)
-
-AUDIO_TOKEN = "<audio>"
-END_OF_CHUNK_TOKEN = "<|endofchunk|>"
-SEP_TOKEN = "<SEP>"
-IGNORE_INDEX = -100
-
-
-def build_training_text(prompt: Any, answer: Any, sep_token: str = SEP_TOKEN, eos_token: str = "<|endoftext|>") -> str:
-    """AF2's training sample text: `<audio>` + prompt + `<SEP>` + answer + `<|endofchunk|>` + eos, lower-cased and
-    stripped exactly as the original (`str(x).lower()` then `.strip()`)."""
-    prompt_text = str(prompt).lower().strip()
-    answer_text = str(answer).lower().strip()
-    return f"{AUDIO_TOKEN}{prompt_text}{sep_token}{answer_text}{END_OF_CHUNK_TOKEN}{eos_token}"
-
-
-def af2_labels(
-    input_ids: Sequence[int],
-    *,
-    audio_token_id: int,
-    sep_token_id: int,
-    end_of_chunk_token_id: int,
-    eos_token_id: int,
-    pad_token_id: int | None = None,
-    length: int | None = None,
-) -> list[int]:
-    """
-    AF2's label rule for one (unpadded or right-padded) row, as the original training loop computes it.
-
-    1. labels = ids; pad tokens (and positions past `length`, the row's real length) -> -100; the first position
-       -> -100; `<audio>` -> -100.
-    2. Scan left to right with a flag `mask` that starts True: a position keeps its value only when `mask` is False
-       or its value is eos; afterwards `<SEP>` sets `mask = False`, `<|endofchunk|>` sets it back to True. So the
-       answer after `<SEP>`, its `<|endofchunk|>`, and every eos count.
-    3. A row cut by truncation (its last real label is neither -100, eos, pad nor `<|endofchunk|>`) has its
-       trailing kept labels removed back to the previous -100 / eos / `<|endofchunk|>`: a truncated answer teaches
-       nothing.
-    """
-    ids = [int(token) for token in input_ids]
-    length = len(ids) if length is None else int(length)
-    labels = [IGNORE_INDEX if (pad_token_id is not None and token == pad_token_id) else token for token in ids]
-    for position in range(length, len(labels)):
-        labels[position] = IGNORE_INDEX
-    if labels:
-        labels[0] = IGNORE_INDEX
-    labels = [IGNORE_INDEX if token == audio_token_id else token for token in labels]
-
-    should_mask = True
-    for position, token in enumerate(labels):
-        if should_mask and token != eos_token_id:
-            labels[position] = IGNORE_INDEX
-        if token == sep_token_id:
-            should_mask = False
-        elif token == end_of_chunk_token_id:
-            should_mask = True
-
-    # The original checks the last column of the padded batch; a truncated row always reaches it (it is
-    # max_length long), an untruncated one ends in eos or padding, so checking the row's own last token is the same.
-    if length > 0 and labels[length - 1] not in (IGNORE_INDEX, eos_token_id, pad_token_id, end_of_chunk_token_id):
-        for position in range(length - 1, -1, -1):
-            if labels[position] in (IGNORE_INDEX, eos_token_id, end_of_chunk_token_id):
-                break
-            labels[position] = IGNORE_INDEX
-    return labels
 
 
 def _audio_input(example: Mapping[str, Any], audio_key: str, sampling_rate_key: str = "sampling_rate"):
@@ -220,9 +167,7 @@ class AudioFlamingo2DataCollator:
 
     def text(self, example: Mapping[str, Any]) -> str:
         """The training text of one example."""
-        return build_training_text(
-            example[self.prompt_key], example[self.answer_key], self.tokenizer.sep_token, self.tokenizer.eos_token
-        )
+        return self.processor.build_training_text(example[self.prompt_key], example[self.answer_key])
 
     def tokenize(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """`input_ids`, `attention_mask`, `labels` for the examples' texts (right padding)."""
@@ -246,17 +191,7 @@ class AudioFlamingo2DataCollator:
                 )
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
-            labels[row, : len(ids)] = torch.tensor(
-                af2_labels(
-                    ids,
-                    audio_token_id=self.audio_token_id,
-                    sep_token_id=self.sep_token_id,
-                    end_of_chunk_token_id=self.end_of_chunk_token_id,
-                    eos_token_id=self.eos_token_id,
-                    pad_token_id=self.pad_token_id,
-                ),
-                dtype=torch.long,
-            )
+            labels[row, : len(ids)] = torch.tensor(self.processor.training_labels(ids), dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def audio_features(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:

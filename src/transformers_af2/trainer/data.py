@@ -13,18 +13,23 @@ Every reader returns a `datasets.Dataset` with one row per example and the colum
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging as std_logging
 import math
 import os
+import uuid
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from transformers.utils import logging
 
-from .collator import max_frames
+from .collator import IGNORE_INDEX, _audio_input, max_frames, read_audio_segment
 
 logger = logging.get_logger(__name__)
 
@@ -68,7 +73,7 @@ def count_windows(audio: Any, feature_extractor=None, audio_start: float = 0.0) 
     try:
         frames, rate = audio_duration(audio, audio_start)
     except Exception as error:  # noqa: BLE001 - any unreadable header counts as one window; decoding raises later
-        logger.warning(f"cannot read the length of {_describe(audio)} ({error}); counting it as 1 window.")
+        logger.info(f"cannot read the length of {_describe(audio)} ({error}); counting it as 1 window.")
         return 1
     frames = min(frames, max_frames(extractor, rate))
     samples = math.ceil(frames * extractor.sampling_rate / rate) if rate != extractor.sampling_rate else frames
@@ -83,7 +88,7 @@ def _describe(audio: Any) -> str:
 
 def length_key(num_windows: int, prompt: Any, answer: Any) -> int:
     """`num_windows * 4096 + min(characters of prompt and answer, 4095)`."""
-    text = len(str(prompt)) + len(str(answer))
+    text = len(str(prompt or "")) + len(str(answer or ""))
     return int(num_windows) * LENGTH_TEXT_SLOTS + min(text, LENGTH_TEXT_SLOTS - 1)
 
 
@@ -133,6 +138,12 @@ def load_af2_json(
     rows = {"audio": [], "prompt": [], "answer": [], "audio_start": []}
     for index, item in enumerate(items):
         name = item.get("name")
+        if name is None:  # reported by check_training_data, as a missing audio
+            rows["audio"].append(None)
+            rows["prompt"].append(_text_or_none(item.get("prompt")))
+            rows["answer"].append(_text_or_none(item.get("output", item.get("answer"))))
+            rows["audio_start"].append(float(item.get("audio_start") or 0.0))
+            continue
         if not isinstance(name, str):
             raise ValueError(
                 f"{path}: item {index} has name {name!r}; only a single audio path per item is supported "
@@ -141,11 +152,21 @@ def load_af2_json(
         if split_path:
             name = os.path.join(split_path, name)
         rows["audio"].append(_resolve_path(name, data_root, path.parent))
-        rows["prompt"].append(str(item.get("prompt", "")))
-        rows["answer"].append(str(item.get("output", item.get("answer", ""))))
+        rows["prompt"].append(_text_or_none(item.get("prompt")))
+        rows["answer"].append(_text_or_none(item.get("output", item.get("answer"))))
         rows["audio_start"].append(float(item.get("audio_start") or 0.0))
     dataset = datasets.Dataset.from_dict(rows)
     return _add_lengths(dataset, feature_extractor, num_proc) if compute_lengths else dataset
+
+
+def _text_or_none(value: Any) -> str | None:
+    """A text field as read: numbers become their text (`"output": 7` -> "7"); a missing field or anything else
+    (null, a list, an object) becomes None, which `check_training_data` reports, instead of the text "None"."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _index_key(key):
@@ -186,8 +207,8 @@ def load_jsonl(
             audio = _resolve_path(audio, data_root, base)
         return {
             "audio": audio,
-            "prompt": str(example["prompt"]),
-            "answer": str(example["answer"]),
+            "prompt": _text_or_none(example["prompt"]),
+            "answer": _text_or_none(example["answer"]),
             "audio_start": float(example.get("audio_start") or 0.0),
         }
 
@@ -267,8 +288,178 @@ def load_training_data(
     )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Checking every row before training
+# ---------------------------------------------------------------------------------------------------------------
+MISSING_FIELD = "missing field"
+UNREADABLE_AUDIO = "unreadable audio"
+NO_TRAINABLE_LABEL = "no trainable label"
+
+
+@dataclass
+class DataCheck:
+    """What `check_training_data` found: rows read, rows dropped (each with its reason), and the counts of rows that
+    are kept but deserve a look."""
+
+    source: str
+    rows: int
+    max_length: int
+    dropped: list[dict] = field(default_factory=list)  # {"row", "audio", "prompt", "kind", "reason"}
+    empty_answers: int = 0
+    over_long: int = 0
+
+    @property
+    def kept(self) -> int:
+        return self.rows - len(self.dropped)
+
+    def __str__(self) -> str:
+        kinds = Counter(entry["kind"] for entry in self.dropped)
+        dropped = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+        return (
+            f"{self.source}: {self.rows} rows, {self.kept} kept, {len(self.dropped)} bad"
+            f"{f' ({dropped})' if dropped else ''}; {self.empty_answers} with an empty answer (trained on "
+            f"<|endofchunk|> and eos only); {self.over_long} longer than max_length={self.max_length} tokens"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_feature_extractor():
+    # The front end warns once per long or silent clip; while checking thousands of rows that is noise.
+    front_end = std_logging.getLogger("transformers_af2.processing.feature_extraction_audioflamingo2")
+    level = front_end.level
+    front_end.setLevel(std_logging.ERROR)
+    try:
+        yield
+    finally:
+        front_end.setLevel(level)
+
+
+def check_row(example: Mapping[str, Any], collator) -> dict:
+    """
+    Checks one row the way the collator will use it: `prompt` and `answer` are text, the audio decodes (from
+    `audio_start` on) with the processor's front end, and the training text keeps at least one trainable label
+    under the collator's `max_length`. Returns `{"kind", "reason"}` ("" when the row is good) and the flags
+    `empty_answer`, `over_long`.
+    """
+    result = {"kind": "", "reason": "", "empty_answer": False, "over_long": False}
+    for key in (collator.prompt_key, collator.answer_key):
+        value = example.get(key)
+        if not isinstance(value, str):
+            what = "missing" if value is None else f"not text ({type(value).__name__})"
+            return {**result, "kind": MISSING_FIELD, "reason": f"'{key}' is {what}"}
+    if example.get(collator.audio_key) is None:
+        return {**result, "kind": MISSING_FIELD, "reason": f"'{collator.audio_key}' is missing"}
+    start = example.get("audio_start") or 0.0
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not math.isfinite(start) or start < 0:
+        return {**result, "kind": MISSING_FIELD, "reason": f"'audio_start' must be seconds >= 0, got {start!r}"}
+    try:
+        audio = _audio_input(example, collator.audio_key)
+        if start > 0:
+            audio = read_audio_segment(audio, float(start), collator.feature_extractor)
+        with _quiet_feature_extractor():
+            collator.feature_extractor.load_audio(audio, sampling_rate=collator.sampling_rate)
+    except Exception as error:  # noqa: BLE001 - whatever fails to decode here would fail the run at that step
+        reason = " ".join(str(error).split()).rstrip(".") or type(error).__name__
+        return {**result, "kind": UNREADABLE_AUDIO, "reason": f"cannot read its audio: {reason}"}
+
+    answer = example[collator.answer_key]
+    tokens = len(collator.tokenizer(collator.text(example))["input_ids"])
+    result["empty_answer"] = not answer.strip()
+    result["over_long"] = tokens > collator.max_length
+    labels = collator.tokenize([example])["labels"]
+    if not bool((labels != IGNORE_INDEX).any()):
+        why = (
+            f"its training text is {tokens} tokens, over max_length={collator.max_length}, so its answer is cut"
+            if result["over_long"]
+            else "the label rule keeps no token of it"
+        )
+        return {**result, "kind": NO_TRAINABLE_LABEL, "reason": f"nothing to train on: {why}"}
+    return result
+
+
+def check_training_data(
+    dataset,
+    collator,
+    skip_bad_rows: bool = False,
+    dropped_rows_file: str | os.PathLike | None = None,
+    source: str = "the training data",
+    num_proc: int | None = None,
+):
+    """
+    Reads every row of a training dataset before any model is loaded (see `check_row`): a row whose fields are
+    missing or not text, whose audio does not decode, or that leaves no trainable label (an answer cut by
+    `max_length`) is bad. Rows with an empty answer and rows longer than `max_length` are counted.
+
+    Args:
+        dataset: a dataset from the readers of this module (`load_training_data`, ...).
+        collator: the `AudioFlamingo2DataCollator` the training uses (its tokenizer, front end and `max_length`).
+        skip_bad_rows: False (default): any bad row raises a `ValueError` that names the rows and why. True: bad rows
+            are dropped and each is written to `dropped_rows_file` (JSON lines `{"row", "audio", "prompt", "kind",
+            "reason"}`, `row` the 0-based row of the dataset).
+        source: how the summary and errors name the data (e.g. its path).
+
+    Returns:
+        `(dataset of the kept rows, DataCheck)`; the summary is also logged.
+    """
+
+    def check(example):
+        return {"_check_" + key: value for key, value in check_row(example, collator).items()}
+
+    # Only the findings come back (a few bytes a row, kept in memory): no copy of the data, no cache file.
+    checked = dataset.map(
+        check,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        keep_in_memory=True,
+        load_from_cache_file=False,
+        new_fingerprint=f"af2-check-{uuid.uuid4().hex}",  # the collator (a tokenizer) is not worth hashing
+        desc="checking every row",
+    )
+    report = DataCheck(source=source, rows=len(dataset), max_length=collator.max_length)
+    kinds, reasons = checked["_check_kind"], checked["_check_reason"]
+    report.empty_answers = sum(checked["_check_empty_answer"])
+    report.over_long = sum(checked["_check_over_long"])
+    for row, kind in enumerate(kinds):
+        if kind:
+            example = dataset[row]
+            report.dropped.append(
+                {
+                    "row": row,
+                    "audio": None if example.get("audio") is None else _describe(example["audio"]),
+                    "prompt": example.get("prompt"),
+                    "kind": kind,
+                    "reason": reasons[row],
+                }
+            )
+    if report.dropped and not skip_bad_rows:
+        listed = "; ".join(
+            f"row {entry['row']} ({entry['audio']}): {entry['reason']}" for entry in report.dropped[:10]
+        )
+        more = f"; and {len(report.dropped) - 10} more" if len(report.dropped) > 10 else ""
+        raise ValueError(
+            f"{report}. Bad rows: {listed}{more}. Fix them, or pass --skip-bad-rows (skip_bad_rows=True) to drop them "
+            "and list each in a file."
+        )
+    if dropped_rows_file is not None and skip_bad_rows:
+        Path(dropped_rows_file).parent.mkdir(parents=True, exist_ok=True)
+        with open(dropped_rows_file, "w") as handle:
+            for entry in report.dropped:
+                handle.write(json.dumps(entry) + "\n")
+    if report.empty_answers or report.over_long or report.dropped:
+        logger.warning(str(report))
+    else:
+        logger.info(str(report))
+    if report.dropped:
+        bad = {entry["row"] for entry in report.dropped}
+        dataset = dataset.select([row for row in range(len(dataset)) if row not in bad])
+    return dataset, report
+
+
 __all__ = [
+    "DataCheck",
     "audio_duration",
+    "check_row",
+    "check_training_data",
     "count_windows",
     "from_hf_dataset",
     "length_key",

@@ -17,12 +17,14 @@ initialised block, where the block's output, and so its LoRA gradient, is zero: 
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Sequence
 
 from torch import nn
 from transformers.utils import logging
 
-from .stages import STAGES, default_embedding_token_ids, keep_frozen_audio_tower_in_eval, resolve_stage, unwrap_model
+from .stages import STAGES, default_embedding_token_ids, resolve_stage, unwrap_model
 
 logger = logging.get_logger(__name__)
 
@@ -142,7 +144,9 @@ def apply_lora(
 ):
     """
     Wraps an AF2 model with LoRA adapters (see `lora_config` for the arguments, or pass a ready `peft.LoraConfig`
-    as `config`). Everything else is frozen; returns the `peft.PeftModel`.
+    as `config`). Everything else is frozen; returns the `peft.PeftModel`. The adapter weights are drawn from torch's
+    global generator: seed it first (`transformers.set_seed`, as `af2 train --seed` does) for reproducible adapters.
+    The adapter records its base model as `base_model_reference(model)`: a hub id, or an absolute path.
     """
     from peft import get_peft_model
 
@@ -159,10 +163,58 @@ def apply_lora(
             **kwargs,
         )
     peft_model = get_peft_model(model, config)
-    keep_frozen_audio_tower_in_eval(peft_model)
+    peft_model.peft_config["default"].base_model_name_or_path = base_model_reference(model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info(f"LoRA on {config.target_modules}: {trainable:,} of {total:,} parameters train.")
+    return peft_model
+
+
+def base_model_reference(model: nn.Module) -> str | None:
+    """Where the model was loaded from, in a form that loads from any working directory: a local folder as an
+    absolute path, anything else (a hub id) as it is."""
+    reference = getattr(unwrap_model(model), "name_or_path", None) or None
+    if reference is not None and os.path.isdir(reference):
+        reference = os.path.abspath(reference)
+    return reference
+
+
+def adapter_config_of(path: str | os.PathLike) -> dict | None:
+    """The `adapter_config.json` of a saved PEFT adapter (a local folder or a hub id), or None when `path` holds
+    none (a full model)."""
+    from transformers.utils import find_adapter_config_file
+
+    config_file = find_adapter_config_file(str(path))
+    if config_file is None:
+        return None
+    with open(config_file) as handle:
+        return json.load(handle)
+
+
+def continue_lora(adapter: str | os.PathLike, **model_kwargs):
+    """
+    Loads a saved AF2 adapter to train it further: its base model (from the adapter's `base_model_name_or_path`)
+    with the same adapter on top, trainable, together with the modules and token rows it saves. Returns the
+    `peft.PeftModel`; `model_kwargs` go to the base model's `from_pretrained` (e.g. `dtype`).
+    """
+    from .. import AudioFlamingo2ForConditionalGeneration
+
+    config = adapter_config_of(adapter)
+    if config is None:
+        raise ValueError(f"{adapter}: not a PEFT adapter (no adapter_config.json).")
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter}: adapter_config.json names no base model (base_model_name_or_path).")
+    try:
+        model = AudioFlamingo2ForConditionalGeneration.from_pretrained(base, **model_kwargs)
+    except OSError as error:
+        raise ValueError(
+            f"{adapter}: cannot load its base model {base!r} ({error}). A relative path (written by older versions) "
+            "only loads from the folder it was typed in: set base_model_name_or_path in its adapter_config.json to "
+            "an absolute path or a hub id."
+        ) from error
+    peft_model = load_lora(model, str(adapter), is_trainable=True)
+    peft_model.peft_config["default"].base_model_name_or_path = base_model_reference(model)
     return peft_model
 
 
@@ -183,7 +235,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "LORA_TARGETS",
+    "adapter_config_of",
     "apply_lora",
+    "base_model_reference",
+    "continue_lora",
     "load_lora",
     "lora_config",
     "lora_target_regex",

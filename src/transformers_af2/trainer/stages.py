@@ -10,7 +10,10 @@ The original (`src/factory.py`, `train/train.py`) freezes the whole model and th
 - `unfreeze_full_lm` (off for the released models) trains the whole language model as well ("full" here).
 
 The policy lives here, not in the model or its config: call `set_trainable_parameters` on a loaded model before
-building the `Trainer` (with LoRA, `lora.apply_lora(..., stage=...)` applies the same recipe through PEFT).
+building the `Trainer` and give its summary to `AudioFlamingo2Trainer(trainable=...)` (with LoRA,
+`lora.apply_lora(..., stage=...)` applies the same recipe through PEFT). Nothing is stored on the model: no hooks,
+no attributes on parameters (FSDP re-creates parameters and would lose them); the trainer applies the embedding row
+mask (`mask_embedding_gradient`) and keeps a frozen tower in eval mode (`frozen_eval_module_names`) itself.
 """
 
 from __future__ import annotations
@@ -45,8 +48,6 @@ STAGE_ALIASES = {
     "frozen": "none",
     "lora": "none",
 }
-
-_HOOK_ATTRIBUTE = "_af2_embedding_row_hook"
 
 
 @dataclass
@@ -128,53 +129,46 @@ def default_embedding_token_ids(model: nn.Module) -> tuple[int, ...]:
     return (int(config.audio_token_id), int(config.end_of_chunk_token_id))
 
 
-def _remove_row_hook(weight: torch.Tensor) -> None:
-    handle = getattr(weight, _HOOK_ATTRIBUTE, None)
-    if handle is not None:
-        handle.remove()
-        delattr(weight, _HOOK_ATTRIBUTE)
+def mask_embedding_gradient(weight: torch.Tensor, token_ids: Iterable[int]) -> None:
+    """
+    Zeroes the gradient of every row of an embedding matrix but `token_ids` (the original's `zero_mask`), in place.
+    Call it after `backward()` and before gradient clipping and the optimizer step; `AudioFlamingo2Trainer` does
+    when given `set_trainable_parameters`' summary. With no weight decay on this matrix (the trainer's rule) the
+    other rows then stay exactly as they are. A tied output head shares the matrix, so it is restricted too.
 
-
-def restrict_embedding_gradient(weight: nn.Parameter, token_ids: Iterable[int]) -> None:
-    """Masks the gradient of an embedding matrix to the given rows (the original's `zero_mask`), so the other rows get
-    zero gradient. With an optimizer that applies no weight decay to this matrix (see `AudioFlamingo2Trainer`), the
-    other rows then stay exactly as they are. A tied output head shares the matrix, so it is restricted too."""
-    _remove_row_hook(weight)
+    The rows live with the caller, not on the tensor: wrappers that re-create parameters (FSDP's flattening) would
+    drop anything stored there.
+    """
+    if weight.grad is None:
+        return
     rows = sorted({int(t) for t in token_ids})
     if any(not 0 <= row < weight.shape[0] for row in rows):
         raise ValueError(f"embedding rows {rows} out of range for a matrix of {weight.shape[0]} rows.")
-    mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool)
-    mask[rows] = True
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad * mask.to(device=grad.device, dtype=grad.dtype)
-
-    setattr(weight, _HOOK_ATTRIBUTE, weight.register_hook(hook))
-    weight._af2_trainable_rows = tuple(rows)
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.grad.dtype, device=weight.grad.device)
+    mask[rows] = 1
+    weight.grad.mul_(mask)
 
 
-def embedding_rows_restricted(weight: torch.Tensor) -> tuple[int, ...] | None:
-    """The rows an embedding matrix is restricted to by `restrict_embedding_gradient`, or None."""
-    return getattr(weight, "_af2_trainable_rows", None) if hasattr(weight, _HOOK_ATTRIBUTE) else None
-
-
-def _eval_when_frozen(module: nn.Module, args) -> None:
-    """Forward pre-hook: a module without trainable parameters runs in eval mode even inside `model.train()`."""
-    if module.training and not any(p.requires_grad for p in module.parameters()):
-        module.eval()
-
-
-def keep_frozen_audio_tower_in_eval(model: nn.Module) -> None:
+def frozen_eval_module_names(model: nn.Module) -> tuple[str, ...]:
     """
-    Makes the audio tower run in eval mode whenever none of its parameters train, also after `model.train()` (which
-    the Trainer calls every step): its BatchNorm keeps its running statistics and its stochastic depth stays off, so a
-    frozen tower computes exactly what it computes at inference. A tower that trains (stage "finetune") follows
-    `model.train()` as usual. Idempotent.
+    Names (in the plain AF2 model, e.g. `"model.audio_tower"`) of the modules that should run in eval mode during
+    training: the audio tower when none of its parameters train. Its BatchNorm then keeps its running statistics and
+    its stochastic depth stays off, so a frozen tower computes exactly what it computes at inference; a tower that
+    trains (stage "finetune") follows `model.train()` as usual. Read it once, before wrapping the model for
+    distributed training, and pass the names to `eval_frozen_modules` after every `model.train()`.
     """
     tower = unwrap_model(model).model.audio_tower
-    if not getattr(tower, "_af2_eval_when_frozen", False):
-        tower.register_forward_pre_hook(_eval_when_frozen)
-        tower._af2_eval_when_frozen = True
+    if any(param.requires_grad for param in tower.parameters()):
+        return ()
+    return ("model.audio_tower",)
+
+
+def eval_frozen_modules(model: nn.Module, names: Iterable[str]) -> None:
+    """Puts the named modules of the AF2 model inside `model` (PEFT / DDP wrappers allowed) into eval mode; the
+    trainer calls it at every step, after the Trainer's `model.train()`."""
+    base = unwrap_model(model)
+    for name in names:
+        base.get_submodule(name).eval()
 
 
 def set_trainable_parameters(
@@ -192,12 +186,13 @@ def set_trainable_parameters(
         stage: "pretrain" (audio transformer + cross-attention), "finetune" (+ audio tower), "long-audio" (audio
             transformer + cross-attention), "full" (everything) or "none" (nothing, e.g. LoRA only).
         train_embeddings: True (the original's default): the input embedding matrix trains, its gradient masked to
-            `embedding_token_ids`; "all": the whole matrix trains; False: it stays frozen (the original's
+            `embedding_token_ids` by the trainer given the returned summary (`AudioFlamingo2Trainer(trainable=...)`,
+            or `mask_embedding_gradient` in a loop of your own); "all": the whole matrix trains; False: it stays frozen (the original's
             `freeze_lm_embeddings`). With tied embeddings the output head is the same matrix.
         embedding_token_ids: rows to train; defaults to `<audio>` and `<|endofchunk|>`, as in the original.
 
     Returns:
-        a `TrainableSummary` (also logged).
+        a `TrainableSummary` (also logged): pass it to `AudioFlamingo2Trainer(trainable=...)`.
     """
     name = resolve_stage(stage)
     if hasattr(model, "peft_config") or any("lora_" in n for n, _ in model.named_parameters()):
@@ -214,17 +209,18 @@ def set_trainable_parameters(
             param.requires_grad_(True)
 
     embeddings = base.get_input_embeddings().weight
-    _remove_row_hook(embeddings)
     rows = None
     if train_embeddings and name != "full":
         embeddings.requires_grad_(True)
         if train_embeddings != "all":
             rows = tuple(sorted(set(embedding_token_ids or default_embedding_token_ids(base))))
-            restrict_embedding_gradient(embeddings, rows)
+            if any(not 0 <= row < embeddings.shape[0] for row in rows):
+                raise ValueError(
+                    f"embedding rows {list(rows)} out of range for a matrix of {embeddings.shape[0]} rows."
+                )
     elif name == "full" and train_embeddings not in (True, "all"):
         embeddings.requires_grad_(False)
 
-    keep_frozen_audio_tower_in_eval(base)
     per_component = {
         component: sum(p.numel() for p in _parameters(mods) if p.requires_grad)
         for component, mods in components.items()
@@ -254,9 +250,10 @@ __all__ = [
     "TrainableSummary",
     "component_modules",
     "default_embedding_token_ids",
-    "keep_frozen_audio_tower_in_eval",
+    "eval_frozen_modules",
+    "frozen_eval_module_names",
+    "mask_embedding_gradient",
     "resolve_stage",
-    "restrict_embedding_gradient",
     "set_trainable_parameters",
     "unwrap_model",
 ]
