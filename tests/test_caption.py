@@ -270,7 +270,7 @@ def test_prompts_given_twice_are_asked_once_and_bad_prompts_fail_before_the_run(
     clip = _noise(tmp_path / "a.wav", 0.5, 0)
     summary = _run(loaded, [clip], tmp_path / "out.jsonl", prompts=[PROMPT, PROMPT])
     assert (summary.done, summary.total_rows) == (1, 1)
-    with pytest.raises(ValueError, match=r"prompt '<audio><audio>twice' holds 2 <audio> tokens"):
+    with pytest.raises(ValueError, match=r"prompt '<audio><audio>twice'.* holds 2 <audio>"):
         _run(loaded, [clip], tmp_path / "bad.jsonl", prompts=["<audio><audio>twice"])
     assert not (tmp_path / "bad.jsonl.parts").exists()
 

@@ -263,7 +263,15 @@ class BatchGenerator:
         batch that holds it."""
         for start in range(0, len(prompts), chunk):
             texts = prompts[start : start + chunk]
-            ids = self.processor(text=texts, return_tensors=None)["input_ids"]
+            try:
+                ids = self.processor(text=texts, return_tensors=None)["input_ids"]
+            except ValueError:  # the processor's own check: name the prompt rather than its index in this chunk
+                for prompt in texts:
+                    try:
+                        self.processor(text=[prompt], return_tensors=None)
+                    except ValueError as error:
+                        raise ValueError(f"prompt {prompt!r}: {error}") from None
+                raise
             for prompt, row in zip(texts, ids):
                 count = row.count(self.processor.audio_token_id)
                 if count != 1:
