@@ -572,6 +572,12 @@ def _add_eval(subparsers) -> None:
     add_eval_parser(subparsers, formatter_class=_HelpFormatter)
 
 
+def _add_caption(subparsers) -> None:
+    from .caption.command import add_caption_parser
+
+    add_caption_parser(subparsers, formatter_class=_HelpFormatter)
+
+
 def _add_demo(subparsers) -> None:
     from .demo import add_demo_parser
 
@@ -618,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(subparsers)
     _add_convert(subparsers)
+    _add_caption(subparsers)
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_demo(subparsers)
