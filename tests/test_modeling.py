@@ -265,9 +265,8 @@ def test_save_load_round_trip_through_auto_classes(tmp_path):
         assert isinstance(loaded, AudioFlamingo2ForConditionalGeneration)
         got = loaded(input_ids=ids, input_features=features, input_features_mask=features_mask).logits
         _assert_same_weights(loaded, model)
-        # Bit-identical weights; the few-rows CPU matmul may round differently for a weight that lives in the
-        # memory-mapped file (other alignment), hence a float32-rounding tolerance on the logits.
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        # Bit-identical weights and plain nn.Linear layers: bit-identical logits.
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("device_map", ["cpu", "auto", {"": "cpu"}])
@@ -280,7 +279,7 @@ def test_device_map_loading_gives_the_same_logits(tmp_path, device_map):
     expected = model(input_ids=ids, input_features=features, input_features_mask=features_mask).logits
     got = loaded(input_ids=ids, input_features=features, input_features_mask=features_mask).logits
     _assert_same_weights(loaded, model)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert torch.equal(got, expected)
 
 
 def _mappings_of(path) -> list[str]:
