@@ -532,3 +532,13 @@ def test_examples_run_on_the_fixture(converted_fixture, script, monkeypatch, cap
         answers = {line.split(":", 1)[1].strip() for line in out.splitlines()}
         assert len(answers) == 1 and answers != {""}
     assert out.strip()
+
+
+def test_batch_errors_name_the_input_by_its_position(loaded, pipe, tmp_path):
+    """Each input of a list is encoded alone; its error still names its position in the caller's list."""
+    fixture = loaded[0]
+    missing = tmp_path / "missing.wav"
+    with pytest.raises(FileNotFoundError, match=r"audio\[2\]: .*missing\.wav"):
+        pipe(audio=[str(fixture.wav(0)), str(fixture.wav(1)), str(missing)], text="What is it?", max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"text\[1\]"):
+        pipe(audio=[str(fixture.wav(0))] * 2, text=["What is it?", "Why <|endoftext|>?"], max_new_tokens=2)

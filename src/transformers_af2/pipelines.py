@@ -64,6 +64,18 @@ def _audio_name(audio) -> str:
     return f"audio given as {type(audio).__name__}"
 
 
+def _at_position(error: Exception, position: int | None) -> Exception:
+    """The processor's error for a one-input call (it says `audio[0]` / `text[0]`) renamed to the input's position in
+    the caller's list; the same exception type where it can be rebuilt from a message."""
+    if position is None:
+        return error
+    message = str(error).replace("audio[0]", f"audio[{position}]").replace("text[0]", f"text[{position}]")
+    try:
+        return type(error)(message)
+    except TypeError:  # exception types whose constructor needs more than a message
+        return ValueError(message)
+
+
 class AudioTextToTextPipeline(Pipeline):
     """
     Answers questions about audio with Audio Flamingo 2.
@@ -190,9 +202,10 @@ class AudioTextToTextPipeline(Pipeline):
                 raise TypeError(
                     f"text must be a string, a list of strings or chat messages; got {type(question).__name__}."
                 )
-        items = [{"audio": a, "text": t} for a, t in zip(audios, texts)]
         if not audio_batched and not text_batched:
-            return super().__call__(items[0], **kwargs)
+            return super().__call__({"audio": audios[0], "text": texts[0]}, **kwargs)
+        # Each input is encoded alone: `position` lets its errors name it as the caller's list does.
+        items = [{"audio": a, "text": t, "position": i} for i, (a, t) in enumerate(zip(audios, texts))]
         return super().__call__(items, **kwargs)
 
     def preprocess(self, inputs, sampling_rate=None):
@@ -221,9 +234,12 @@ class AudioTextToTextPipeline(Pipeline):
             )
         elif _is_input_dict(inputs):
             question = inputs["text"]
-            encoded = self.processor(
-                text=[question], audio=[inputs["audio"]], sampling_rate=inputs.get("sampling_rate", sampling_rate)
-            )
+            try:
+                encoded = self.processor(
+                    text=[question], audio=[inputs["audio"]], sampling_rate=inputs.get("sampling_rate", sampling_rate)
+                )
+            except (ValueError, TypeError, OSError) as error:
+                raise _at_position(error, inputs.get("position")) from error
             prompt_text = self.processor.build_prompt(question)
             input_text = question
             audio = inputs["audio"]
