@@ -206,7 +206,7 @@ examples:
 
 
 def add_caption_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter) -> None:
-    from ..cli import DEFAULT_MODEL, DEFAULT_TOP_K, DEFAULT_TOP_P, _positive_int
+    from ..cli import DEFAULT_TOP_K, DEFAULT_TOP_P, _positive_int, add_model_arguments
     from ..utils import DTYPE_NAMES
 
     parser = subparsers.add_parser(
@@ -224,12 +224,7 @@ def add_caption_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFo
         metavar="TEXT",
         help="a question asked about every clip; repeat for several (one row each)",
     )
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="converted repository, or original-layout hub id or directory"
-    )
-    parser.add_argument(
-        "--config", metavar="YAML", help="the original inference YAML, for an original-layout directory"
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--max-new-tokens", type=_positive_int, metavar="N", help="most tokens per answer (default: the model's)"
     )

@@ -9,11 +9,12 @@ import torch
 from transformers import GenerationConfig
 
 from ..modeling import AudioFlamingo2ForConditionalGeneration
+from ..utils import parse_dtype
 from .config import _RELEASED_CLAP_CONFIG, build_config, build_tokenizer, load_lm_config, load_original_config
 from .errors import ConversionError
 from .output import check_output, save_atomically
 from .source import read_original_checkpoint, resolve_source, source_revision
-from .weights import _dtype, _materialise_buffers, assemble_state_dict, check_finite
+from .weights import _materialise_buffers, assemble_state_dict, check_finite
 
 
 def convert_model(
@@ -58,7 +59,7 @@ def _convert_model(source, directory: Path, config, tokenizer, lm_config, lm_wei
         checkpoint, expected, lm_weights or lm_config_source, config_obj.tie_word_embeddings, hub_kwargs
     )
     check_finite(state, f"the checkpoint {source}")
-    target_dtype = _dtype(dtype)
+    target_dtype = parse_dtype(dtype)
     state = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in state.items()}
     check_finite(state, f"the checkpoint {source} cast to {target_dtype} (values beyond its range)")
     del checkpoint
@@ -133,7 +134,7 @@ def convert_checkpoint(
             "source": str(source),
             "revision": source_revision(directory),
             "options": {k: str(v) for k, v in options.items() if v is not None},
-            "dtype": str(_dtype(dtype)).removeprefix("torch."),
+            "dtype": str(parse_dtype(dtype)).removeprefix("torch."),
         }
         save_atomically(model, processor, output, directory, overwrite, provenance)
     return model, processor
