@@ -193,15 +193,7 @@ def _add_generate(subparsers) -> None:
         "--seed", type=_seed, default=None, help=f"random seed in [0, {MAX_SEED}], for repeatable sampling"
     )
     parser.add_argument("--batch-size", type=_positive_int, default=1, metavar="B", help="files per generate call")
-    parser.add_argument(
-        "--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto" takes the GPU when there is one'
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", *DTYPE_NAMES),
-        help='model precision; "auto" is bfloat16 on GPU and float32 on CPU',
-    )
+    add_device_arguments(parser)
     parser.add_argument(
         "--soundcot-repair",
         action="store_true",
@@ -285,6 +277,20 @@ def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL) -> No
         metavar="YAML",
         type=_non_empty("--config"),
         help="for an original-layout directory without configs/inference.yaml: the original inference YAML",
+    )
+
+
+def add_device_arguments(parser) -> None:
+    """`--device` and `--dtype`, as the commands that place the model themselves take them (`_resolve_device`,
+    `parse_dtype` read them)."""
+    parser.add_argument(
+        "--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto" takes the GPU when there is one'
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", *DTYPE_NAMES),
+        help='model precision; "auto" is bfloat16 on GPU and float32 on CPU',
     )
 
 

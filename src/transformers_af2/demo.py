@@ -26,10 +26,9 @@ import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P, add_model_arguments
+from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P, add_device_arguments, add_model_arguments
 from .compat import CACHE_KWARG
 from .soundcot import SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS, soundcot_repair_prefix
-from .utils import DTYPE_NAMES
 
 DEFAULT_PORT = 7860
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -612,15 +611,7 @@ def add_demo_parser(subparsers, formatter_class=argparse.HelpFormatter, default_
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     parser.add_argument("--share", action="store_true", help="also publish the page through a gradio.live link")
-    parser.add_argument(
-        "--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto" takes the GPU when there is one'
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", *DTYPE_NAMES),
-        help='model precision; "auto" is bfloat16 on GPU and float32 on CPU',
-    )
+    add_device_arguments(parser)
     parser.add_argument(
         "--max-cached-clips", type=int, default=8, metavar="N", help="encoded clips kept for further questions"
     )
