@@ -25,12 +25,13 @@ def convert_model(
     lm_weights: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "float32",
     revision: str | None = None,
+    *,
+    directory: str | os.PathLike | None = None,
+    hub_kwargs: dict | None = None,
 ):
-    """The model half of `convert_checkpoint`: returns `(model, tokenizer, original_config)`."""
-    return _convert_model(source, resolve_source(source, revision), config, tokenizer, lm_config, lm_weights, dtype)
-
-
-def _convert_model(source, directory: Path, config, tokenizer, lm_config, lm_weights, dtype, hub_kwargs=None):
+    """The model half of `convert_checkpoint` (see there for the arguments): returns `(model, tokenizer,
+    original_config)`."""
+    directory = resolve_source(source, revision) if directory is None else Path(directory)
     hub_kwargs = hub_kwargs or {}
     original_config = load_original_config(config, str(source), directory)
     model_config = original_config.get("model_config", {}) or {}
@@ -111,8 +112,8 @@ def convert_checkpoint(
     if output is not None:
         check_output(output, directory, overwrite)  # before the minutes of conversion, not after
     options = {"config": config, "tokenizer": tokenizer, "lm_config": lm_config, "lm_weights": lm_weights}
-    model, text_tokenizer, original_config = _convert_model(
-        source, directory, dtype=dtype, hub_kwargs=hub_kwargs, **options
+    model, text_tokenizer, original_config = convert_model(
+        source, dtype=dtype, directory=directory, hub_kwargs=hub_kwargs, **options
     )
     config_obj = model.config
     clap_config = original_config.get("clap_config", {}) or {}
