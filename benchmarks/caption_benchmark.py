@@ -32,6 +32,14 @@ import torch
 from measurement import log, machine_description, peak_rss_bytes, timed
 from shapes import SHAPES, build_random_model
 
+from transformers_af2.processing.processing_audioflamingo2 import (
+    AUDIO_TOKEN,
+    END_OF_CHUNK_TOKEN,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    SEP_TOKEN,
+)
+
 PROMPT = "Describe the audio in detail."
 SOURCE_RATE = 44100
 
@@ -45,11 +53,11 @@ def word_level_processor(config):
     from transformers_af2 import AudioFlamingo2FeatureExtractor, AudioFlamingo2Processor
 
     specials = {
-        "<audio>": config.audio_token_id,
-        "<|endofchunk|>": config.end_of_chunk_token_id,
-        "<|PAD_TOKEN|>": config.pad_token_id,
-        "<SEP>": config.sep_token_id,
-        "<|endoftext|>": config.eos_token_id,
+        AUDIO_TOKEN: config.audio_token_id,
+        END_OF_CHUNK_TOKEN: config.end_of_chunk_token_id,
+        PAD_TOKEN: config.pad_token_id,
+        SEP_TOKEN: config.sep_token_id,
+        EOS_TOKEN: config.eos_token_id,
     }
     by_id = {index: token for token, index in specials.items()}
     vocab = {by_id.get(i, f"t{i}"): i for i in range(config.text_config.vocab_size)}
@@ -60,10 +68,10 @@ def word_level_processor(config):
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        eos_token="<|endoftext|>",
-        pad_token="<|PAD_TOKEN|>",
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
         unk_token="t0",
-        additional_special_tokens=["<audio>", "<|endofchunk|>", "<SEP>"],
+        additional_special_tokens=[AUDIO_TOKEN, END_OF_CHUNK_TOKEN, SEP_TOKEN],
     )
     return AudioFlamingo2Processor(feature_extractor=AudioFlamingo2FeatureExtractor(), tokenizer=fast)
 
