@@ -2,7 +2,7 @@
 """Throughput of `af2 caption` against the same clips one at a time through `model.generate`, in one run.
 
 Writes `--clips` noise clips of mixed length (evenly spread over `--min-seconds`..`--max-seconds`, shuffled, 44.1 kHz
-so the front end resamples), builds a random-weight model of a named shape (see benchmark.py) with a word-level
+so the front end resamples), builds a random-weight model of a named shape (see shapes.py) with a word-level
 tokenizer over AF2's whole vocabulary (no download), and for each `--dtypes` entry, in a fresh process:
 
   one at a time   for each clip: processor(text, audio=path) -> model.generate (greedy, `--new-tokens`)
@@ -29,10 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from measurement import log, machine_description, peak_rss_bytes, timed
+from shapes import SHAPES, build_random_model
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import benchmark  # noqa: E402  (this folder's benchmark.py: shapes, random models, noise measurement)
+from transformers_af2.processing.processing_audioflamingo2 import (
+    AUDIO_TOKEN,
+    END_OF_CHUNK_TOKEN,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    SEP_TOKEN,
+)
 
 PROMPT = "Describe the audio in detail."
 SOURCE_RATE = 44100
@@ -47,11 +53,11 @@ def word_level_processor(config):
     from transformers_af2 import AudioFlamingo2FeatureExtractor, AudioFlamingo2Processor
 
     specials = {
-        "<audio>": config.audio_token_id,
-        "<|endofchunk|>": config.end_of_chunk_token_id,
-        "<|PAD_TOKEN|>": config.pad_token_id,
-        "<SEP>": config.sep_token_id,
-        "<|endoftext|>": config.eos_token_id,
+        AUDIO_TOKEN: config.audio_token_id,
+        END_OF_CHUNK_TOKEN: config.end_of_chunk_token_id,
+        PAD_TOKEN: config.pad_token_id,
+        SEP_TOKEN: config.sep_token_id,
+        EOS_TOKEN: config.eos_token_id,
     }
     by_id = {index: token for token, index in specials.items()}
     vocab = {by_id.get(i, f"t{i}"): i for i in range(config.text_config.vocab_size)}
@@ -62,10 +68,10 @@ def word_level_processor(config):
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        eos_token="<|endoftext|>",
-        pad_token="<|PAD_TOKEN|>",
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
         unk_token="t0",
-        additional_special_tokens=["<audio>", "<|endofchunk|>", "<SEP>"],
+        additional_special_tokens=[AUDIO_TOKEN, END_OF_CHUNK_TOKEN, SEP_TOKEN],
     )
     return AudioFlamingo2Processor(feature_extractor=AudioFlamingo2FeatureExtractor(), tokenizer=fast)
 
@@ -115,7 +121,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.child)
-    model = benchmark.build_random_model(args.shape, dtype, torch.device("cpu"))
+    model = build_random_model(args.shape, dtype, torch.device("cpu"))
     if args.linears == "fast":  # what `af2 caption` (and every command) uses on CPU; both paths share the model
         from transformers_af2.modeling.cpu_linear import enable_fast_cpu_linears
 
@@ -166,16 +172,16 @@ def child(args) -> None:
     results = {}
     order = [("one_at_a_time", one_at_a_time), ("caption", af2_caption)]
     for name, fn in order if not args.caption_first else order[::-1]:
-        benchmark.log(f"{args.child}: {name} over {len(clips)} clips")
-        elapsed, others, answers = benchmark.NOISE.timed(fn, torch.device("cpu"))
+        log(f"{args.child}: {name} over {len(clips)} clips")
+        elapsed, others, answers = timed(fn, torch.device("cpu"))
         results[name] = {
             "seconds": elapsed,
             "clips_per_hour": len(clips) * 3600 / elapsed,
             "others_cores": others,
             "answers": [answer_tokens(a) for a in answers],
         }
-        benchmark.log(f"{args.child}: {name} {elapsed:.1f} s (others kept {others:.2f} cores busy)")
-    results["peak_rss_bytes"] = benchmark.peak_rss_bytes()
+        log(f"{args.child}: {name} {elapsed:.1f} s (others kept {others:.2f} cores busy)")
+    results["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(results))
 
 
@@ -193,7 +199,7 @@ def run_child(args, dtype: str, clip_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="af2-0.5b", choices=sorted(benchmark.SHAPES))
+    parser.add_argument("--shape", default="af2-0.5b", choices=sorted(SHAPES))
     parser.add_argument("--clips", type=int, default=40)
     parser.add_argument("--min-seconds", type=float, default=3.0)
     parser.add_argument("--max-seconds", type=float, default=120.0)
@@ -215,11 +221,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clip_dir = Path(tmp) / "clips"
         seconds = write_clips(clip_dir, args.clips, args.min_seconds, args.max_seconds)
-        benchmark.log(f"{args.clips} clips, {sum(seconds):.0f} s of audio in all")
+        log(f"{args.clips} clips, {sum(seconds):.0f} s of audio in all")
         runs = {dtype: run_child(args, dtype, clip_dir) for dtype in args.dtypes}
 
     report = {
-        "machine": benchmark.machine_description(),
+        "machine": machine_description(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("child", "clip_dir", "json_out")},
         "audio_seconds": seconds,
         "runs": {},

@@ -339,6 +339,18 @@ def test_only_the_stage_parameters_change(tiny_processor, two_examples, tmp_path
     assert stats_changed == ("audio_tower" in expected)
 
 
+def test_apply_lora_refuses_options_beside_a_ready_config(tiny_processor):
+    """A ready LoraConfig and LoRA options together would leave the options unused: refused, naming them."""
+    from transformers_af2.trainer import lora_config
+
+    model = tiny_model(tiny_processor)
+    config = lora_config(targets="language_model", r=4, model=model)
+    with pytest.raises(ValueError, match=r"both a ready config and LoRA options \['r'\]"):
+        apply_lora(model, config=config, r=8)
+    wrapped = apply_lora(model, config=config)
+    assert wrapped.peft_config["default"].r == 4
+
+
 def test_lora_save_reload_merge(tiny_processor, two_examples, tmp_path):
     base_dir = tmp_path / "base"
     tiny_model(tiny_processor, seed=1, gates=0.5).save_pretrained(base_dir)

@@ -68,9 +68,7 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("--tokenizer", help="base Qwen2.5 tokenizer, path or hub id (default: from --config)")
     parser.add_argument("--lm-config", help="base Qwen2.5 config, path or hub id (default: from --config)")
     parser.add_argument("--lm-weights", help="base LM weights, read only for LM parameters safe_ckpt lacks")
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights"
-    )
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the written weights")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_run_convert)
 
@@ -135,18 +133,7 @@ def _add_generate(subparsers) -> None:
             "      --max-new-tokens 1024 --sample --soundcot-repair --stream"
         ),
     )
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        type=_non_empty("--model"),
-        help="converted repository, or original-layout hub id or directory",
-    )
-    parser.add_argument(
-        "--config",
-        metavar="YAML",
-        type=_non_empty("--config"),
-        help="for an original-layout directory without configs/inference.yaml: the original inference YAML",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--audio",
         action="append",
@@ -206,15 +193,7 @@ def _add_generate(subparsers) -> None:
         "--seed", type=_seed, default=None, help=f"random seed in [0, {MAX_SEED}], for repeatable sampling"
     )
     parser.add_argument("--batch-size", type=_positive_int, default=1, metavar="B", help="files per generate call")
-    parser.add_argument(
-        "--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto" takes the GPU when there is one'
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", *DTYPE_NAMES),
-        help='model precision; "auto" is bfloat16 on GPU and float32 on CPU',
-    )
+    add_device_arguments(parser)
     parser.add_argument(
         "--soundcot-repair",
         action="store_true",
@@ -282,6 +261,37 @@ def _positive_float(value: str) -> float:
             f"must be greater than 0 (use --greedy for deterministic answers), got {value}"
         )
     return number
+
+
+def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL) -> None:
+    """`--model` and `--config`, as every command that loads AF2 takes them (`load_model_and_processor` reads
+    them)."""
+    parser.add_argument(
+        "--model",
+        default=default_model,
+        type=_non_empty("--model"),
+        help="converted repository, or original-layout hub id or directory",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        type=_non_empty("--config"),
+        help="for an original-layout directory without configs/inference.yaml: the original inference YAML",
+    )
+
+
+def add_device_arguments(parser) -> None:
+    """`--device` and `--dtype`, as the commands that place the model themselves take them (`_resolve_device`,
+    `parse_dtype` read them)."""
+    parser.add_argument(
+        "--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto" takes the GPU when there is one'
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", *DTYPE_NAMES),
+        help='model precision; "auto" is bfloat16 on GPU and float32 on CPU',
+    )
 
 
 def _non_empty(option: str):

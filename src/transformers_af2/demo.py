@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P
+from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P, add_device_arguments, add_model_arguments
 from .compat import CACHE_KWARG
 from .soundcot import SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS, soundcot_repair_prefix
 
@@ -607,26 +607,11 @@ def add_demo_parser(subparsers, formatter_class=argparse.HelpFormatter, default_
             "  af2 demo --model nvidia/audio-flamingo-2-SoundCoT --share"
         ),
     )
-    parser.add_argument(
-        "--model", default=default_model, help="converted repository, or original-layout hub id or directory"
-    )
-    parser.add_argument(
-        "--config",
-        metavar="YAML",
-        help="for an original-layout directory without configs/inference.yaml: the original inference YAML",
-    )
+    add_model_arguments(parser, default_model)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     parser.add_argument("--share", action="store_true", help="also publish the page through a gradio.live link")
-    parser.add_argument(
-        "--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto" takes the GPU when there is one'
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help='model precision; "auto" is bfloat16 on GPU and float32 on CPU',
-    )
+    add_device_arguments(parser)
     parser.add_argument(
         "--max-cached-clips", type=int, default=8, metavar="N", help="encoded clips kept for further questions"
     )

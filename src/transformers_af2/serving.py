@@ -149,6 +149,9 @@ def build_app(
 
 
 def add_serve_parser(subparsers, formatter_class=argparse.HelpFormatter, default_model: str | None = None) -> None:
+    from .cli import add_model_arguments
+    from .utils import DTYPE_NAMES
+
     parser = subparsers.add_parser(
         "serve",
         help="serve AF2 over an OpenAI-style /v1/chat/completions API (audio as input_audio)",
@@ -164,14 +167,7 @@ def add_serve_parser(subparsers, formatter_class=argparse.HelpFormatter, default
             "  af2 serve --model af2-3b-hf --quantization bnb-8bit"
         ),
     )
-    parser.add_argument(
-        "--model", default=default_model, help="converted repository, or original-layout hub id or directory"
-    )
-    parser.add_argument(
-        "--config",
-        metavar="YAML",
-        help="for an original-layout directory without configs/inference.yaml: the original inference YAML",
-    )
+    add_model_arguments(parser, default_model)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     parser.add_argument(
@@ -180,7 +176,7 @@ def add_serve_parser(subparsers, formatter_class=argparse.HelpFormatter, default
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=("auto", *DTYPE_NAMES),
         help='"auto": the dtype of the weights',
     )
     parser.add_argument(

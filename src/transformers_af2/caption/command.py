@@ -206,8 +206,7 @@ examples:
 
 
 def add_caption_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter) -> None:
-    from ..cli import DEFAULT_MODEL, DEFAULT_TOP_K, DEFAULT_TOP_P, _positive_int
-    from ..utils import DTYPE_NAMES
+    from ..cli import DEFAULT_TOP_K, DEFAULT_TOP_P, _positive_int, add_device_arguments, add_model_arguments
 
     parser = subparsers.add_parser(
         "caption",
@@ -224,12 +223,7 @@ def add_caption_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFo
         metavar="TEXT",
         help="a question asked about every clip; repeat for several (one row each)",
     )
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="converted repository, or original-layout hub id or directory"
-    )
-    parser.add_argument(
-        "--config", metavar="YAML", help="the original inference YAML, for an original-layout directory"
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--max-new-tokens", type=_positive_int, metavar="N", help="most tokens per answer (default: the model's)"
     )
@@ -262,10 +256,7 @@ def add_caption_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFo
         metavar="W",
         help="processes reading and resampling audio while the model runs (0: in the main process)",
     )
-    parser.add_argument("--device", default="auto", help='"cpu", "cuda", ...; "auto": the GPU when there is one')
-    parser.add_argument(
-        "--dtype", default="auto", choices=("auto", *DTYPE_NAMES), help='"auto": bfloat16 on GPU, float32 on CPU'
-    )
+    add_device_arguments(parser)
     data = parser.add_argument_group("inputs")
     data.add_argument("--dataset", action="store_true", help="INPUTs are `datasets.load_dataset` sources (hub ids)")
     data.add_argument("--split", help="dataset split (needed when the dataset has several)")

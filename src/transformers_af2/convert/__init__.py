@@ -19,7 +19,7 @@ One module per concern: `source` (finding and reading the checkpoint), `renames`
 
 from .cache import CONVERSION_FORMAT, cached_conversion, converted_cache_path, default_cache_dir
 from .checkpoint import convert_checkpoint, convert_model
-from .config import AF2_SEP_TOKEN, AF2_SPECIAL_TOKENS, build_config, build_tokenizer, load_original_config
+from .config import build_config, build_tokenizer, load_original_config
 from .errors import ConversionError
 from .output import (
     CONVERSION_MARKER,
@@ -43,8 +43,6 @@ from .source import (
 from .weights import assemble_state_dict, check_finite
 
 __all__ = [
-    "AF2_SEP_TOKEN",
-    "AF2_SPECIAL_TOKENS",
     "CONVERSION_FORMAT",
     "CONVERSION_MARKER",
     "HUB_ID",

@@ -9,11 +9,12 @@ import torch
 from transformers import GenerationConfig
 
 from ..modeling import AudioFlamingo2ForConditionalGeneration
+from ..utils import parse_dtype
 from .config import _RELEASED_CLAP_CONFIG, build_config, build_tokenizer, load_lm_config, load_original_config
 from .errors import ConversionError
 from .output import check_output, save_atomically
 from .source import read_original_checkpoint, resolve_source, source_revision
-from .weights import _dtype, _materialise_buffers, assemble_state_dict, check_finite
+from .weights import _materialise_buffers, assemble_state_dict, check_finite
 
 
 def convert_model(
@@ -24,12 +25,13 @@ def convert_model(
     lm_weights: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "float32",
     revision: str | None = None,
+    *,
+    directory: str | os.PathLike | None = None,
+    hub_kwargs: dict | None = None,
 ):
-    """The model half of `convert_checkpoint`: returns `(model, tokenizer, original_config)`."""
-    return _convert_model(source, resolve_source(source, revision), config, tokenizer, lm_config, lm_weights, dtype)
-
-
-def _convert_model(source, directory: Path, config, tokenizer, lm_config, lm_weights, dtype, hub_kwargs=None):
+    """The model half of `convert_checkpoint` (see there for the arguments): returns `(model, tokenizer,
+    original_config)`."""
+    directory = resolve_source(source, revision) if directory is None else Path(directory)
     hub_kwargs = hub_kwargs or {}
     original_config = load_original_config(config, str(source), directory)
     model_config = original_config.get("model_config", {}) or {}
@@ -58,7 +60,7 @@ def _convert_model(source, directory: Path, config, tokenizer, lm_config, lm_wei
         checkpoint, expected, lm_weights or lm_config_source, config_obj.tie_word_embeddings, hub_kwargs
     )
     check_finite(state, f"the checkpoint {source}")
-    target_dtype = _dtype(dtype)
+    target_dtype = parse_dtype(dtype)
     state = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in state.items()}
     check_finite(state, f"the checkpoint {source} cast to {target_dtype} (values beyond its range)")
     del checkpoint
@@ -110,8 +112,8 @@ def convert_checkpoint(
     if output is not None:
         check_output(output, directory, overwrite)  # before the minutes of conversion, not after
     options = {"config": config, "tokenizer": tokenizer, "lm_config": lm_config, "lm_weights": lm_weights}
-    model, text_tokenizer, original_config = _convert_model(
-        source, directory, dtype=dtype, hub_kwargs=hub_kwargs, **options
+    model, text_tokenizer, original_config = convert_model(
+        source, dtype=dtype, directory=directory, hub_kwargs=hub_kwargs, **options
     )
     config_obj = model.config
     clap_config = original_config.get("clap_config", {}) or {}
@@ -133,7 +135,7 @@ def convert_checkpoint(
             "source": str(source),
             "revision": source_revision(directory),
             "options": {k: str(v) for k, v in options.items() if v is not None},
-            "dtype": str(_dtype(dtype)).removeprefix("torch."),
+            "dtype": str(parse_dtype(dtype)).removeprefix("torch."),
         }
         save_atomically(model, processor, output, directory, overwrite, provenance)
     return model, processor

@@ -12,11 +12,15 @@ import yaml
 from transformers import AutoTokenizer, Qwen2Config
 
 from ..modeling import AudioFlamingo2Config
+from ..processing.processing_audioflamingo2 import (
+    ADDED_SPECIAL_TOKENS,
+    AUDIO_TOKEN,
+    END_OF_CHUNK_TOKEN,
+    PAD_TOKEN,
+    SEP_TOKEN,
+)
 from .errors import ConversionError
 from .source import KNOWN_CHECKPOINTS, OriginalCheckpoint
-
-AF2_SPECIAL_TOKENS = ["<audio>", "<|endofchunk|>", "<|PAD_TOKEN|>"]
-AF2_SEP_TOKEN = "<SEP>"
 
 # What the released checkpoints were built with (configs/inference*.yaml of the original code). Used only for these
 # hub ids; any other checkpoint must bring its own --config or be unambiguous from its weights.
@@ -154,10 +158,10 @@ def _cross_attention_layers(checkpoint: OriginalCheckpoint, num_layers: int) -> 
 def build_tokenizer(tokenizer_source: str | os.PathLike, **hub_kwargs):
     """The base Qwen2.5 tokenizer plus AF2's tokens, added exactly as the original does."""
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source), **hub_kwargs)
-    tokenizer.add_special_tokens({"additional_special_tokens": AF2_SPECIAL_TOKENS})
-    tokenizer.pad_token = "<|PAD_TOKEN|>"
+    tokenizer.add_special_tokens({"additional_special_tokens": list(ADDED_SPECIAL_TOKENS)})
+    tokenizer.pad_token = PAD_TOKEN
     if tokenizer.sep_token is None:
-        tokenizer.add_special_tokens({"sep_token": AF2_SEP_TOKEN})
+        tokenizer.add_special_tokens({"sep_token": SEP_TOKEN})
     tokenizer.padding_side = "left"
     return tokenizer
 
@@ -221,8 +225,8 @@ def build_config(
         cross_attention_num_heads=inner_dim // head_dim,
         cross_attention_head_dim=head_dim,
         cross_attention_ff_mult=ff_hidden // text_config["hidden_size"],
-        audio_token_id=tokenizer.convert_tokens_to_ids("<audio>"),
-        end_of_chunk_token_id=tokenizer.convert_tokens_to_ids("<|endofchunk|>"),
+        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+        end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN),
         pad_token_id=tokenizer.pad_token_id,
         sep_token_id=tokenizer.sep_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -119,22 +119,6 @@ def check_finite(state: dict[str, torch.Tensor], label: str) -> None:
         raise ConversionError(f"{label}: {len(bad)} tensors hold NaN or infinite values: {sorted(bad)[:20]}")
 
 
-def _dtype(name: str | torch.dtype | None) -> torch.dtype:
-    if name is None or isinstance(name, torch.dtype):
-        return name or torch.float32
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if name not in table:
-        raise ConversionError(f"--dtype {name!r} is not one of {sorted(table)}.")
-    return table[name]
-
-
 def _materialise_buffers(model: torch.nn.Module, config: AudioFlamingo2Config) -> None:
     """Buffers left on the meta device by construction are rebuilt on CPU by re-running the init of their module."""
     from ..modeling.modeling_audioflamingo2 import AudioFlamingo2AudioRotaryEmbedding

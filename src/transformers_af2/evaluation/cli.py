@@ -19,8 +19,7 @@ def _task_table() -> str:
 
 
 def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter) -> None:
-    from ..cli import DEFAULT_MODEL, _positive_int
-    from ..utils import DTYPE_NAMES
+    from ..cli import DEFAULT_MODEL, _positive_int, add_device_arguments
 
     parser = subparsers.add_parser(
         "eval",
@@ -67,10 +66,7 @@ def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpForma
     parser.add_argument(
         "--num-workers", type=int, default=2, metavar="N", help="caption engine: processes reading audio (0: none)"
     )
-    parser.add_argument("--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto": GPU when present')
-    parser.add_argument(
-        "--dtype", default="auto", choices=("auto", *DTYPE_NAMES), help='"auto": bfloat16 on GPU, float32 on CPU'
-    )
+    add_device_arguments(parser)
     parser.set_defaults(handler=run_eval_command)
 
 

@@ -12,12 +12,10 @@ and `.training_labels`, see `af2_labels` in `processing_audioflamingo2` for the 
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from transformers.utils import logging
 
@@ -33,27 +31,20 @@ from ..processing.processing_audioflamingo2 import (
 logger = logging.get_logger(__name__)
 
 
-def _audio_input(example: Mapping[str, Any], audio_key: str, sampling_rate_key: str = "sampling_rate"):
-    """The example's audio in a form the feature extractor reads: path, bytes, array dict, or array."""
+def example_audio(example: Mapping[str, Any], audio_key: str, sampling_rate_key: str = "sampling_rate"):
+    """The example's audio as an input of the feature extractor (which reads and checks it): a torchcodec
+    `AudioDecoder` is decoded, a bare array paired with the example's `sampling_rate`, the rest passed on."""
     audio = example[audio_key]
     if hasattr(audio, "get_all_samples"):
         # datasets >= 4 decodes Audio columns into torchcodec AudioDecoder objects.
         samples = audio.get_all_samples()
         return {"array": samples.data.cpu().numpy(), "sampling_rate": int(samples.sample_rate)}
     if isinstance(audio, Mapping):
-        audio = dict(audio)
-        if audio.get("array") is not None:
-            audio["array"] = np.asarray(audio["array"], dtype=np.float64)
-            return {"array": audio["array"], "sampling_rate": audio.get("sampling_rate")}
-        if audio.get("bytes") is not None:
-            return {"bytes": audio["bytes"], "path": audio.get("path")}
-        if audio.get("path") is not None:
-            return os.fspath(audio["path"])
-        raise ValueError(f"audio dict needs 'array' + 'sampling_rate', 'bytes' or 'path'; got keys {sorted(audio)}.")
-    if isinstance(audio, (str, os.PathLike)):
-        return os.fspath(audio)
-    if example.get(sampling_rate_key) is not None and not isinstance(audio, (bytes, bytearray)):
-        return {"array": np.asarray(audio, dtype=np.float64), "sampling_rate": int(example[sampling_rate_key])}
+        return dict(audio)
+    if isinstance(audio, (str, os.PathLike, bytes, bytearray)):
+        return audio
+    if example.get(sampling_rate_key) is not None:
+        return {"array": audio, "sampling_rate": int(example[sampling_rate_key])}
     return audio
 
 
@@ -65,38 +56,6 @@ def max_frames(feature_extractor, rate: int) -> int:
         + feature_extractor.window_overlap
     )
     return int(seconds * rate)
-
-
-def read_audio_segment(audio, start: float, feature_extractor) -> dict:
-    """
-    Audio from `start` seconds on, as the original does for an item's `audio_start`: the file is read from that
-    frame for the duration the windows can hold, divided by its peak when a float file exceeds [-1, 1] (over all
-    channels), and its first channel kept. Returns `{"array", "sampling_rate"}` for the feature extractor, which
-    resamples, normalises and windows it as for any input.
-    """
-    import soundfile as sf
-
-    if isinstance(audio, Mapping) and audio.get("array") is not None:
-        rate = int(audio["sampling_rate"])
-        array = np.asarray(audio["array"], dtype=np.float64)
-        offset = int(start * rate)
-        frames_first = array.ndim == 2 and array.shape[0] > array.shape[1]
-        return {
-            "array": array[offset:] if array.ndim == 1 or frames_first else array[:, offset:],
-            "sampling_rate": rate,
-        }
-    source = audio
-    if isinstance(audio, Mapping):
-        source = io.BytesIO(audio["bytes"]) if audio.get("bytes") is not None else audio["path"]
-    elif isinstance(audio, (bytes, bytearray)):
-        source = io.BytesIO(audio)
-    with sf.SoundFile(source) as handle:
-        rate = handle.samplerate
-        handle.seek(min(int(start * rate), handle.frames))
-        data = handle.read(max_frames(feature_extractor, rate), dtype="float64", always_2d=True)
-    if data.size and np.abs(data).max() > 1.0:
-        data = data / np.abs(data).max()
-    return {"array": data[:, 0], "sampling_rate": rate}
 
 
 class AudioFlamingo2DataCollator:
@@ -196,17 +155,15 @@ class AudioFlamingo2DataCollator:
 
     def audio_features(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """`input_features`, `input_features_mask` for the examples' audio (windows padded to the batch's largest)."""
-        audios = []
+        audios, starts = [], []
         for index, example in enumerate(examples):
             try:
-                audio = _audio_input(example, self.audio_key)
-                start = float(example.get("audio_start") or 0.0)
-                if start > 0:
-                    audio = read_audio_segment(audio, start, self.feature_extractor)
-            except (KeyError, ValueError, TypeError, OSError, RuntimeError) as error:
+                audios.append(example_audio(example, self.audio_key))
+                starts.append(float(example.get("audio_start") or 0.0))
+            except (KeyError, ValueError, TypeError) as error:
                 raise ValueError(f"example {index} of the batch: cannot read its audio ({error}).") from error
-            audios.append(audio)
-        features = self.feature_extractor(audios, sampling_rate=self.sampling_rate, return_tensors="pt")
+        # `start` is the original's `audio_start`: the extractor reads from there (first channel, MP3 mixed down).
+        features = self.feature_extractor(audios, sampling_rate=self.sampling_rate, start=starts, return_tensors="pt")
         return {
             "input_features": features["input_features"],
             "input_features_mask": features["input_features_mask"],
@@ -220,4 +177,4 @@ class AudioFlamingo2DataCollator:
         return batch
 
 
-__all__ = ["AudioFlamingo2DataCollator", "af2_labels", "build_training_text", "read_audio_segment"]
+__all__ = ["AudioFlamingo2DataCollator", "af2_labels", "build_training_text", "example_audio"]

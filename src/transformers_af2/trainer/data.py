@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from transformers.utils import logging
 
-from .collator import IGNORE_INDEX, _audio_input, max_frames, read_audio_segment
+from .collator import IGNORE_INDEX, example_audio, max_frames
 
 logger = logging.get_logger(__name__)
 
@@ -353,11 +353,9 @@ def check_row(example: Mapping[str, Any], collator) -> dict:
     if isinstance(start, bool) or not isinstance(start, (int, float)) or not math.isfinite(start) or start < 0:
         return {**result, "kind": MISSING_FIELD, "reason": f"'audio_start' must be seconds >= 0, got {start!r}"}
     try:
-        audio = _audio_input(example, collator.audio_key)
-        if start > 0:
-            audio = read_audio_segment(audio, float(start), collator.feature_extractor)
+        audio = example_audio(example, collator.audio_key)
         with _quiet_feature_extractor():
-            collator.feature_extractor.load_audio(audio, sampling_rate=collator.sampling_rate)
+            collator.feature_extractor.load_audio(audio, sampling_rate=collator.sampling_rate, start=float(start))
     except Exception as error:  # noqa: BLE001 - whatever fails to decode here would fail the run at that step
         reason = " ".join(str(error).split()).rstrip(".") or type(error).__name__
         return {**result, "kind": UNREADABLE_AUDIO, "reason": f"cannot read its audio: {reason}"}

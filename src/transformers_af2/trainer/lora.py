@@ -133,34 +133,24 @@ def lora_config(
 def apply_lora(
     model: nn.Module,
     targets: str | Iterable[str] = ("language_model",),
-    r: int = 8,
-    alpha: int | None = None,
-    dropout: float = 0.0,
-    stage: str | None = None,
-    train_embeddings: bool = False,
-    embedding_token_ids: Sequence[int] | None = None,
     config=None,
-    **kwargs,
+    **lora_options,
 ):
     """
-    Wraps an AF2 model with LoRA adapters (see `lora_config` for the arguments, or pass a ready `peft.LoraConfig`
-    as `config`). Everything else is frozen; returns the `peft.PeftModel`. The adapter weights are drawn from torch's
-    global generator: seed it first (`transformers.set_seed`, as `af2 train --seed` does) for reproducible adapters.
-    The adapter records its base model as `base_model_reference(model)`: a hub id, or an absolute path.
+    Wraps an AF2 model with LoRA adapters: `lora_config(targets, model=model, **lora_options)` (see `lora_config`
+    for the options: `r`, `alpha`, `dropout`, `stage`, `train_embeddings`, ...), or a ready `peft.LoraConfig`
+    passed as `config`. Everything else is frozen; returns the `peft.PeftModel`. The adapter weights are drawn from
+    torch's global generator: seed it first (`transformers.set_seed`, as `af2 train --seed` does) for reproducible
+    adapters. The adapter records its base model as `base_model_reference(model)`: a hub id, or an absolute path.
     """
     from peft import get_peft_model
 
     if config is None:
-        config = lora_config(
-            targets,
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            stage=stage,
-            train_embeddings=train_embeddings,
-            embedding_token_ids=embedding_token_ids,
-            model=model,
-            **kwargs,
+        config = lora_config(targets, model=model, **lora_options)
+    elif lora_options:
+        raise ValueError(
+            f"apply_lora got both a ready config and LoRA options {sorted(lora_options)}: put the options in the "
+            "config, or pass them without one."
         )
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_model_reference(model)
