@@ -63,9 +63,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--linears",
         choices=["fast", "plain"],
-        default="fast",
-        help="CPU linear kernels of the measured model: fast (FastCPULinear, what `af2 generate` uses on CPU) or "
-        "plain (nn.Linear, how the model is built)",
+        default="plain",
+        help="CPU linear kernels of the measured model: plain (nn.Linear: how the model is built and what every "
+        "command uses) or fast (the FastCPULinear opt-in)",
     )
     parser.add_argument("--skip", nargs="*", default=[], choices=ALL_ITEMS, help="items not to measure")
     parser.add_argument("--json-out", help="write the results here as JSON")

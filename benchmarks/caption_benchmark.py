@@ -122,7 +122,7 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.child)
     model = build_random_model(args.shape, dtype, torch.device("cpu"))
-    if args.linears == "fast":  # what `af2 caption` (and every command) uses on CPU; both paths share the model
+    if args.linears == "fast":  # the FastCPULinear opt-in; both paths share the model
         from transformers_af2.modeling.cpu_linear import enable_fast_cpu_linears
 
         enable_fast_cpu_linears(model)
@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--linears", default="fast", choices=["fast", "plain"], help="FastCPULinear or nn.Linear")
+    parser.add_argument("--linears", default="plain", choices=["fast", "plain"], help="FastCPULinear or nn.Linear")
     parser.add_argument("--caption-first", action="store_true", help="measure af2 caption before one at a time")
     parser.add_argument("--json-out")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -346,8 +346,9 @@ def load_model_and_processor(
     `(model, processor)` for a converted repository (local or hub) or an original-layout checkpoint (hub id or
     directory; converted on first use and cached, see `transformers_af2.hub_ids`). `original_config` is the original
     inference YAML, for original-layout directories that lack one.
-    `fast_cpu_linears` turns on the CPU inference kernels of `transformers_af2.modeling.cpu_linear` when the model
-    runs on CPU (the commands do; a model meant for quantization, PEFT or training must not).
+    `fast_cpu_linears` turns on the opt-in CPU inference kernels of `transformers_af2.modeling.cpu_linear` when the
+    model runs on CPU (no command does by default: see that module; a model meant for quantization, PEFT or
+    training must not).
     """
     from transformers import AutoProcessor
 
@@ -437,7 +438,7 @@ def _run_generate(args) -> int:
         if args.seed is not None:
             set_seed(args.seed)
         model, processor = load_model_and_processor(
-            args.model, device=device, dtype=dtype, original_config=args.config, fast_cpu_linears=True
+            args.model, device=device, dtype=dtype, original_config=args.config
         )
         _check_max_new_tokens(args.max_new_tokens, model)
         pipe = pipeline(TASK, model=model, processor=processor, device=device)

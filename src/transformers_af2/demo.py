@@ -633,7 +633,6 @@ def run_demo(args) -> int:
         device=device,
         dtype=parse_dtype(args.dtype, device),
         original_config=args.config,
-        fast_cpu_linears=True,
     )
     answerer = AudioQuestionAnswerer(model, processor, max_cached_clips=args.max_cached_clips)
     soundcot = "soundcot" in str(args.model).lower()

@@ -140,7 +140,6 @@ def caption(
                 device=resolved_device,
                 dtype=parse_dtype(dtype, resolved_device),
                 original_config=config,
-                fast_cpu_linears=True,  # as every command does on CPU; a no-op on GPUs
             )
         else:
             if processor is None:
