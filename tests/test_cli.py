@@ -325,19 +325,27 @@ def _start(argv, **kwargs):
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.5])
-def test_ctrl_c_while_starting_exits_130_with_one_line(delay):
-    """SIGINT while Python still imports torch and transformers: exit 130, one line, no traceback."""
-    import signal
-    import time
-
-    process = _start([sys.executable, "-m", "af2_entry", "generate", "--audio", "a.wav", "--prompt", "q"])
-    time.sleep(delay)
-    process.send_signal(signal.SIGINT)
+@pytest.mark.parametrize("module", ["torch", "transformers"])
+def test_ctrl_c_while_starting_exits_130_with_one_line(module):
+    """A Ctrl-C that lands while `af2` still imports torch and transformers (seconds): exit 130, one line, no
+    traceback. The interrupt is raised from inside that import, so the test does not race the machine's speed."""
+    code = (
+        "import builtins, sys\n"
+        "real_import = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        f"    if name == {module!r} or name.startswith({module + '.'!r}):\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        "import af2_entry\n"
+        "sys.argv = ['af2', 'generate', '--audio', 'a.wav', '--prompt', 'q']\n"
+        "sys.exit(af2_entry.main())\n"
+    )
+    process = _start([sys.executable, "-c", code])
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert err.strip().splitlines() == ["af2: interrupted"] or err.strip().endswith("interrupted")
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.strip().splitlines() == ["af2: interrupted"]
+    assert out == ""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
