@@ -3,7 +3,7 @@ user's `max_length` is obeyed although the generation config sets `max_new_token
 
 import pytest
 import torch
-from conftest import random_audio_inputs, tiny_config, tiny_model
+from conftest import random_audio_inputs, tiny_model
 from transformers import GenerationConfig, LogitsProcessorList
 
 from transformers_af2 import AudioFlamingo2ForConditionalGeneration
@@ -107,7 +107,7 @@ def test_with_non_finite_check_puts_one_check_first():
 
 def test_model_hook_checks_every_generate_call():
     """With the hook in the model class, a plain generate() call raises too (no processor passed)."""
-    model = _poison(_hooked(), float("nan"))
+    model = _poison(tiny_model(), float("nan"))
     with pytest.raises(NonFiniteLogitsError, match="batch row 0 has 99 NaN"):
         _generate(model, _inputs())
     with pytest.raises(NonFiniteLogitsError, match="batch row 0 has 99 NaN"):
@@ -117,13 +117,6 @@ def test_model_hook_checks_every_generate_call():
 # ---------------------------------------------------------------------------------------------------------------------
 # max_length over the generation config's max_new_tokens
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _hooked():
-    plain = tiny_model()
-    model = AudioFlamingo2ForConditionalGeneration(tiny_config()).eval()
-    model.load_state_dict(plain.state_dict())
-    return model
 
 
 def _with_default_max_new_tokens(model):
@@ -136,7 +129,7 @@ def _with_default_max_new_tokens(model):
 
 @pytest.mark.parametrize("how", ["kwarg", "generation_config"])
 def test_model_hook_honours_max_length(how):
-    model = _with_default_max_new_tokens(_hooked())
+    model = _with_default_max_new_tokens(tiny_model())
     user = {"max_length": 7} if how == "kwarg" else {"generation_config": GenerationConfig(max_length=7)}
     with torch.no_grad():
         out = model.generate(**_inputs(), **user)
@@ -166,21 +159,25 @@ def test_generate_kwargs_honouring_max_length():
         assert model.generate(**_inputs(), max_length=6, max_new_tokens=None).shape[1] == 6
 
 
-def test_loading_non_finite_weights_is_an_error_naming_them(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_non_finite_weights_is_an_error_naming_them(tmp_path, dtype):
     """A saved model with NaN/inf weights is refused at load with the tensors' names (conversion refuses them too)."""
-    model = tiny_model()
+    model = tiny_model().to(dtype)
     layer = next(layer for layer in model.model.language_model.layers if layer.cross_attn is not None)
+    poisoned = {
+        "cross_attn.q_proj.weight": (layer.cross_attn.q_proj.weight, float("nan")),
+        "audio_transformer.layers.0.fc1.weight": (model.model.audio_transformer.layers[0].fc1.weight, float("inf")),
+        "lm_head.weight": (model.lm_head.weight, float("-inf")),
+    }
     with torch.no_grad():
-        layer.cross_attn.q_proj.weight[0, 0] = float("nan")
-        model.model.audio_transformer.layers[0].fc1.weight[1, 2] = float("inf")
+        for weight, value in poisoned.values():
+            weight[1, 2] = value
     model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"2 weight tensor\(s\) hold NaN or inf") as error:
-        AudioFlamingo2ForConditionalGeneration.from_pretrained(tmp_path)
-    assert "cross_attn.q_proj.weight" in str(error.value) and "audio_transformer.layers.0.fc1.weight" in str(
-        error.value
-    )
+    with pytest.raises(ValueError, match=r"3 weight tensor\(s\) hold NaN or inf") as error:
+        AudioFlamingo2ForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype)
+    assert all(name in str(error.value) for name in poisoned)
     with torch.no_grad():
-        layer.cross_attn.q_proj.weight[0, 0] = 0.0
-        model.model.audio_transformer.layers[0].fc1.weight[1, 2] = 0.0
+        for weight, _ in poisoned.values():
+            weight[1, 2] = 0.0
     model.save_pretrained(tmp_path)
-    AudioFlamingo2ForConditionalGeneration.from_pretrained(tmp_path)  # finite again: loads
+    AudioFlamingo2ForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype)  # finite again: loads
