@@ -6,6 +6,7 @@ processor), so `AutoModel.from_pretrained(converted_dir)` and friends work, and 
 """
 
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForMultimodalLM, AutoProcessor
+from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
 
 from . import hub_ids
 from .modeling import (
@@ -25,6 +26,13 @@ AutoConfig.register(AudioFlamingo2Config.model_type, AudioFlamingo2Config, exist
 # Users write AutoModel.from_pretrained(...) and then generate(): both Auto classes give the generation model.
 AutoModel.register(AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration, exist_ok=True)
 AutoModelForMultimodalLM.register(AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration, exist_ok=True)
+# `pipeline("any-to-any")` and transformers' server (`af2 serve`) decide whether a model is multimodal from this static
+# dict, which `register` above does not update (the server then drops `input_audio` and fails to pick the class).
+# The lazy mapping behind the Auto class reads only model types of `CONFIG_MAPPING_NAMES`, so the entry changes
+# nothing else.
+MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES.setdefault(
+    AudioFlamingo2Config.model_type, AudioFlamingo2ForConditionalGeneration.__name__
+)
 AutoFeatureExtractor.register(AudioFlamingo2Config, AudioFlamingo2FeatureExtractor, exist_ok=True)
 AutoProcessor.register(AudioFlamingo2Config, AudioFlamingo2Processor, exist_ok=True)
 # pipeline("audio-text-to-text") and AF2 as a supported pipeline("any-to-any") model.

@@ -339,16 +339,12 @@ def _resolve_device(name: str):
     return device
 
 
-def load_model_and_processor(
-    model_id: str, device=None, dtype=None, original_config: str | None = None, fast_cpu_linears: bool = False
-):
+def load_model_and_processor(model_id: str, device=None, dtype=None, original_config: str | None = None):
     """
     `(model, processor)` for a converted repository (local or hub) or an original-layout checkpoint (hub id or
     directory; converted on first use and cached, see `transformers_af2.hub_ids`). `original_config` is the original
-    inference YAML, for original-layout directories that lack one.
-    `fast_cpu_linears` turns on the opt-in CPU inference kernels of `transformers_af2.modeling.cpu_linear` when the
-    model runs on CPU (no command does by default: see that module; a model meant for quantization, PEFT or
-    training must not).
+    inference YAML, for original-layout directories that lack one. The model keeps its plain `nn.Linear` layers
+    (the opt-in CPU kernels of `transformers_af2.modeling.cpu_linear` were measured slower for decoding).
     """
     from transformers import AutoProcessor
 
@@ -370,10 +366,6 @@ def load_model_and_processor(
     processor = AutoProcessor.from_pretrained(model_id)
     if device is not None:
         model.to(device)
-    if fast_cpu_linears and model.device.type == "cpu":
-        from .modeling.cpu_linear import enable_fast_cpu_linears
-
-        enable_fast_cpu_linears(model)
     return model.eval(), processor
 
 

@@ -399,26 +399,8 @@ class AudioTextToTextPipeline(Pipeline):
         return records
 
 
-def _add_to_multimodal_lm_names() -> None:
-    """
-    `AnyToAnyPipeline` checks the model class against `MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES`. transformers 5.23
-    also reads the models registered with `AutoModelForMultimodalLM.register` from there (through the names dict's
-    `_model_mapping` back-reference); where that back-reference is missing, AF2 is added to the names so that
-    any-to-any does not log "not supported". The lazy mapping behind the Auto class only reads names of model types
-    in `CONFIG_MAPPING_NAMES`, so the entry changes nothing else.
-    """
-    from transformers.models.auto import modeling_auto
-
-    from .modeling import AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration
-
-    names = modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
-    if getattr(names, "_model_mapping", None) is None:
-        names.setdefault(AudioFlamingo2Config.model_type, AudioFlamingo2ForConditionalGeneration.__name__)
-
-
 def register_pipelines() -> None:
-    """Registers the `audio-text-to-text` task and makes AF2 a supported `any-to-any` model. Idempotent."""
-    _add_to_multimodal_lm_names()
+    """Registers the `audio-text-to-text` task. Idempotent. (AF2 in `any-to-any`: see the package's `__init__`.)"""
     registered = PIPELINE_REGISTRY.supported_tasks.get(TASK)
     if registered is None or registered.get("impl") is not AudioTextToTextPipeline:
         PIPELINE_REGISTRY.register_pipeline(

@@ -15,7 +15,7 @@ to it; and even with AF2 registered, three things in the server stop it (transfo
   `AutoModelForMultimodalLM.register` are not in, so it falls back to `getattr(transformers,
   config.architectures[0])` (5.23 line 303) and fails with AttributeError; `get_model_modality` (5.23 line 473)
   fails the same way ("Unknown modality"), and without MULTIMODAL the server drops `input_audio` content.
-  `register_for_serving()` adds AF2 to that dict.
+  `import transformers_af2` adds AF2 to that dict.
 - `cli/serving/chat_completion.py` line 138 calls `processor.apply_chat_template` with no error handling, so an
   unreadable audio payload becomes a bare "500 Internal Server Error". Here such request errors are answered with
   HTTP 400 and the processor's message.
@@ -37,20 +37,6 @@ SERVE_EXTRA_HINT = "pip install 'transformers-af2[serve]'"
 # Errors raised while turning a request into model inputs (unreadable audio, a message without audio, bad
 # parameters): the client's mistake, answered with 400 and the message.
 REQUEST_ERRORS = (ValueError, TypeError, KeyError, OSError)
-
-
-def register_for_serving() -> None:
-    """
-    Makes transformers' server treat AF2 as a multimodal model (it reads `MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES`,
-    which `AutoModelForMultimodalLM.register` does not update). The entry only adds a name for a model type the
-    Auto classes already resolve; idempotent.
-    """
-    from transformers.models.auto import modeling_auto
-
-    from .modeling import AudioFlamingo2Config, AudioFlamingo2ForConditionalGeneration
-
-    names = modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
-    names.setdefault(AudioFlamingo2Config.model_type, AudioFlamingo2ForConditionalGeneration.__name__)
 
 
 def _check_serve_dependencies() -> None:
@@ -99,8 +85,6 @@ def build_app(
     from transformers.cli.serving.systemone import SystemOneHandler
     from transformers.cli.serving.transcription import TranscriptionHandler
     from transformers.cli.serving.utils import GenerationState
-
-    register_for_serving()
 
     def openai_error(message: str, status_code: int):
         """OpenAI's error body, which OpenAI clients show as the error's message."""
@@ -212,4 +196,4 @@ def run_serve(args) -> int:
     return 0
 
 
-__all__ = ["add_serve_parser", "build_app", "register_for_serving", "resolve_model_path"]
+__all__ = ["add_serve_parser", "build_app", "resolve_model_path"]
