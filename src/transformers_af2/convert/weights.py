@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers.utils import logging
 
 from ..modeling import AudioFlamingo2Config
+from ..utils import non_finite_tensors
 from .errors import ConversionError
 from .renames import rename_clap_ckpt_key, rename_safe_key
 from .source import OriginalCheckpoint
@@ -114,7 +115,7 @@ def assemble_state_dict(
 def check_finite(state: dict[str, torch.Tensor], label: str) -> None:
     """Raises ConversionError naming every tensor holding NaN or infinity: such weights make greedy decoding answer
     token 0 forever instead of failing."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite_tensors(state.items())
     if bad:
         raise ConversionError(f"{label}: {len(bad)} tensors hold NaN or infinite values: {sorted(bad)[:20]}")
 
