@@ -1,6 +1,14 @@
-"""Shared test helpers: the parity fixtures beside the checkout and tiny random AF2 configs."""
+"""Shared test helpers: the parity fixtures beside the checkout, tiny random AF2 configs, and `af2` commands run as
+servers in their own process."""
 
+import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,6 +41,49 @@ def write_original_config(fixture_dir: Path, destination: Path) -> Path:
     }
     destination.write_text(yaml.safe_dump(config))
     return destination
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_af2_command(args, log_path: Path, ready_url: str, timeout: float, env=None):
+    """
+    `python -m transformers_af2.cli *args` in its own process (one thread, output to `log_path`). Waits until
+    `ready_url` answers; fails the test with the end of the log if the process exits first or `timeout` seconds pass.
+    Yields the process and stops it on exit.
+    """
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "transformers_af2.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"af2 {args[0]} did not start (exit status {process.poll()}):\n{log_path.read_text()[-4000:]}"
+                )
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class ConvertedFixture:

@@ -4,7 +4,6 @@ processes under torchrun (gloo, CPU), resuming a one-process run, give the rows 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import free_port
 
 from transformers_af2 import cli
 
@@ -86,12 +86,6 @@ def test_killed_run_resumes_with_every_row_once(converted_fixture, clip_folder, 
     assert sorted(p.name for p in parts.iterdir()) == ["errors-merged.jsonl", "rows-merged.jsonl"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_resume_a_one_process_run_and_equal_it(converted_fixture, clip_folder, tmp_path, capsys):
     clips = sorted(clip_folder.rglob("*.wav"))[:24]
     all_list, first_list = tmp_path / "all.txt", tmp_path / "first.txt"
@@ -103,7 +97,7 @@ def test_two_processes_resume_a_one_process_run_and_equal_it(converted_fixture, 
     capsys.readouterr()
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                "--master-port", str(_free_port()), "-m", "transformers_af2"]  # fmt: skip
+                "--master-port", str(free_port()), "-m", "transformers_af2"]  # fmt: skip
     result = subprocess.run(
         [
             *launcher,

@@ -5,7 +5,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, running_af2_command
 
 QUESTION = "What is the sound in this audio?"
 MAX_NEW_TOKENS = 12
@@ -155,41 +155,17 @@ def test_the_view_marks_the_windows_and_the_dropped_seconds_of_a_long_clip(answe
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def demo_server(converted_fixture, tmp_path_factory):
     pytest.importorskip("gradio", reason="the [demo] extra (gradio) is not installed")
     port = free_port()
     log_path = tmp_path_factory.mktemp("demo") / "demo.log"
-    command = [sys.executable, "-m", "transformers_af2.cli", "demo", "--model", str(converted_fixture.repo)]
-    command += ["--port", str(port), "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    args = ["demo", "--model", str(converted_fixture.repo), "--port", str(port), "--device", "cpu"]
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while True:
-        try:
-            with urllib.request.urlopen(url + "config", timeout=2):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                process.wait()
-                pytest.fail(f"af2 demo did not start:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
-    yield url, process
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    with running_af2_command(
+        args, log_path, url + "config", SERVER_START_TIMEOUT, env={"GRADIO_ANALYTICS_ENABLED": "False"}
+    ) as process:
+        yield url, process
 
 
 def answer_arguments(audio, **overrides):

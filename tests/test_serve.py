@@ -6,17 +6,12 @@
 import base64
 import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, running_af2_command
 
 openai = pytest.importorskip("openai", reason="the [serve] extra (openai, fastapi, uvicorn) is not installed")
 pytest.importorskip("fastapi", reason="the [serve] extra (fastapi, uvicorn) is not installed")
@@ -31,48 +26,15 @@ SEED = 0
 SERVER_START_TIMEOUT = 180
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_up(process, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"no answer from {url} within {timeout} s")
-
-
 @contextlib.contextmanager
 def running_server(repo, log_path, *extra_args):
     """`af2 serve` for `repo` in its own process on a free port of 127.0.0.1; yields (base URL, process)."""
     port = free_port()
-    command = [sys.executable, "-m", "transformers_af2.cli", "serve", "--model", str(repo), "--port", str(port)]
-    command += ["--device", "cpu", "--log-level", "warning", *extra_args]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
-    try:
-        try:
-            wait_until_up(process, f"http://127.0.0.1:{port}/health", SERVER_START_TIMEOUT)
-        except Exception:
-            raise AssertionError(f"af2 serve did not start:\n{log_path.read_text()[-4000:]}") from None
+    args = ["serve", "--model", str(repo), "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    with running_af2_command(
+        [*args, *extra_args], log_path, f"http://127.0.0.1:{port}/health", SERVER_START_TIMEOUT
+    ) as process:
         yield f"http://127.0.0.1:{port}/v1", process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
