@@ -76,7 +76,7 @@ def _add_convert(subparsers) -> None:
 def _run_convert(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .convert import check_output, convert_checkpoint, resolve_source
+    from .convert import convert_checkpoint, resolve_source
 
     if args.quiet:
         _disable_progress_bars()
@@ -88,9 +88,9 @@ def _run_convert(args) -> int:
         bar.set_postfix_str(f"fetching {args.source}")
         # hub ids: download (huggingface_hub shows a bar per file); directories: as is
         directory = resolve_source(args.source, args.revision)
-        check_output(args.output, directory, args.overwrite)  # refuse before the conversion, not after it
         bar.update()
         bar.set_postfix_str(f"converting into {args.output}")
+        # It refuses an output that would destroy something before any conversion work (check_output).
         convert_checkpoint(
             args.source,
             args.output,
