@@ -14,6 +14,7 @@ to its rank; rank 0 merges all parts once every process is done.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import logging
@@ -362,106 +363,92 @@ def run_generation_jobs(
     Returns:
         `RunSummary` with the counts over all processes (`total_rows` and `errors_file` on rank 0, which merges).
     """
-    if processes is None:
-        with ProcessGroup() as processes:
-            return run_generation_jobs(
-                jobs,
-                model,
-                processor,
-                output,
-                settings=settings,
-                versions=versions,
-                generate_kwargs=generate_kwargs,
-                batch_size=batch_size,
-                lookahead=lookahead,
-                num_workers=num_workers,
-                progress=progress,
-                processes=processes,
-            )
-    store = output if isinstance(output, RunStore) else RunStore(output)
-    generator = BatchGenerator(model, processor, generate_kwargs or {})
-    generator.check_prompts(list(dict.fromkeys(job.prompt for job in jobs)))
-    seen: set[str] = set()
-    for job in jobs:
-        if job.id in seen:
-            raise ValueError(f"job id {job.id} ({job.clip.clip_id!r}, {job.prompt!r}) appears twice in the jobs.")
-        seen.add(job.id)
+    # A group made here is closed here; one passed in belongs to the caller.
+    with ProcessGroup() if processes is None else contextlib.nullcontext(processes) as processes:
+        store = output if isinstance(output, RunStore) else RunStore(output)
+        generator = BatchGenerator(model, processor, generate_kwargs or {})
+        generator.check_prompts(list(dict.fromkeys(job.prompt for job in jobs)))
+        seen: set[str] = set()
+        for job in jobs:
+            if job.id in seen:
+                raise ValueError(f"job id {job.id} ({job.clip.clip_id!r}, {job.prompt!r}) appears twice in the jobs.")
+            seen.add(job.id)
 
-    # Settings: compared by every process, recorded by the first; the barrier keeps the others from starting on an
-    # output whose sidecar is not written yet.
-    if not store.check_settings(settings) and processes.is_main:
-        store.write_settings(settings, versions or {})
-    processes.barrier()
-    store.check_settings(settings)
+        # Settings: compared by every process, recorded by the first; the barrier keeps the others from starting on an
+        # output whose sidecar is not written yet.
+        if not store.check_settings(settings) and processes.is_main:
+            store.write_settings(settings, versions or {})
+        processes.barrier()
+        store.check_settings(settings)
 
-    done_ids = store.done_ids()
-    mine = [job for job in jobs if shard_of(job.clip.clip_id, processes.world_size) == processes.rank]
-    pending = [job for job in mine if job.id not in done_ids]
-    skipped = len(mine) - len(pending)
+        done_ids = store.done_ids()
+        mine = [job for job in jobs if shard_of(job.clip.clip_id, processes.world_size) == processes.rank]
+        pending = [job for job in mine if job.id not in done_ids]
+        skipped = len(mine) - len(pending)
 
-    clips: dict[str, list[GenerationJob]] = {}
-    for job in pending:
-        clips.setdefault(job.clip.clip_id, []).append(job)
-    clip_list = [group[0].clip for group in clips.values()]
-    lookahead = lookahead or max(64, 8 * batch_size)
+        clips: dict[str, list[GenerationJob]] = {}
+        for job in pending:
+            clips.setdefault(job.clip.clip_id, []).append(job)
+        clip_list = [group[0].clip for group in clips.values()]
+        lookahead = lookahead or max(64, 8 * batch_size)
 
-    done = failed = 0
-    rows_part = store.new_part("rows", processes.rank) if pending else None
-    errors_part = None
-    bar = _progress(len(clip_list), progress if processes.is_main else False)
-    rows_left = {clip_id: len(group) for clip_id, group in clips.items()}  # a clip counts once all its rows are in
-    buffer: list[tuple[GenerationJob, dict]] = []
+        done = failed = 0
+        rows_part = store.new_part("rows", processes.rank) if pending else None
+        errors_part = None
+        bar = _progress(len(clip_list), progress if processes.is_main else False)
+        rows_left = {clip_id: len(group) for clip_id, group in clips.items()}  # a clip counts once all its rows are in
+        buffer: list[tuple[GenerationJob, dict]] = []
 
-    def flush():
-        nonlocal done
-        for batch in length_grouped_batches(buffer, batch_size, lambda pair: pair[1]["windows"]):
-            rows = generator([job for job, _ in batch], [item for _, item in batch])
-            rows_part.append(rows)
-            done += len(rows)
-            for job, _ in batch:
-                rows_left[job.clip.clip_id] -= 1
-                bar.update(int(rows_left[job.clip.clip_id] == 0))
-        buffer.clear()
+        def flush():
+            nonlocal done
+            for batch in length_grouped_batches(buffer, batch_size, lambda pair: pair[1]["windows"]):
+                rows = generator([job for job, _ in batch], [item for _, item in batch])
+                rows_part.append(rows)
+                done += len(rows)
+                for job, _ in batch:
+                    rows_left[job.clip.clip_id] -= 1
+                    bar.update(int(rows_left[job.clip.clip_id] == 0))
+            buffer.clear()
 
-    try:
-        for item in read_clips(clip_list, processor.feature_extractor, num_workers):
-            group = clips[clip_list[item["position"]].clip_id]
-            if item["error"] is not None:
-                errors_part = errors_part or store.new_part("errors", processes.rank)
-                errors_part.append(
-                    {
-                        "id": job.id,
-                        "clip_id": job.clip.clip_id,
-                        "path": job.clip.path,
-                        "index": job.clip.index,
-                        "prompt": job.prompt,
-                        "error": item["error"],
-                    }
-                    for job in group
-                )
-                failed += len(group)
-                bar.update(1)
-                continue
-            buffer.extend((job, item) for job in group)
-            if len(buffer) >= lookahead:
+        try:
+            for item in read_clips(clip_list, processor.feature_extractor, num_workers):
+                group = clips[clip_list[item["position"]].clip_id]
+                if item["error"] is not None:
+                    errors_part = errors_part or store.new_part("errors", processes.rank)
+                    errors_part.append(
+                        {
+                            "id": job.id,
+                            "clip_id": job.clip.clip_id,
+                            "path": job.clip.path,
+                            "index": job.clip.index,
+                            "prompt": job.prompt,
+                            "error": item["error"],
+                        }
+                        for job in group
+                    )
+                    failed += len(group)
+                    bar.update(1)
+                    continue
+                buffer.extend((job, item) for job in group)
+                if len(buffer) >= lookahead:
+                    flush()
+            if buffer:
                 flush()
-        if buffer:
-            flush()
-    finally:
-        bar.close()
-        for part in (rows_part, errors_part):
-            if part is not None:
-                part.close()
+        finally:
+            bar.close()
+            for part in (rows_part, errors_part):
+                if part is not None:
+                    part.close()
 
-    done, failed, skipped = processes.sum([done, failed, skipped])
-    processes.barrier()  # every part is complete before the merge reads them
-    summary = RunSummary(done=done, failed=failed, skipped=skipped, output=str(store.output))
-    if processes.is_main:
-        total_rows, errors = store.merge([job.id for job in jobs])
-        summary.total_rows = total_rows
-        summary.errors_file = str(store.errors) if errors else None
-    processes.barrier()  # the merged output exists when any process returns
-    return summary
+        done, failed, skipped = processes.sum([done, failed, skipped])
+        processes.barrier()  # every part is complete before the merge reads them
+        summary = RunSummary(done=done, failed=failed, skipped=skipped, output=str(store.output))
+        if processes.is_main:
+            total_rows, errors = store.merge([job.id for job in jobs])
+            summary.total_rows = total_rows
+            summary.errors_file = str(store.errors) if errors else None
+        processes.barrier()  # the merged output exists when any process returns
+        return summary
 
 
 def package_versions() -> dict:
