@@ -34,7 +34,7 @@ def parse_dtype(name: str | torch.dtype | None, device: torch.device | str | Non
     return DTYPES[name]
 
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "parse_dtype"]
+__all__ = ["DTYPES", "DTYPE_NAMES", "non_finite_tensors", "parse_dtype"]
 
 
 def non_finite_tensors(named_tensors) -> list[str]:
@@ -45,13 +45,18 @@ def non_finite_tensors(named_tensors) -> list[str]:
     for af2-0.5b's 4.3 GB of float32 weights).
     """
     bad = []
+    # Tied weights (the embedding and the head) appear under both names: scanned once, reported under each.
+    verdicts: dict[tuple, bool] = {}
     with torch.no_grad():
         for name, tensor in named_tensors:
             if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
                 continue
-            flat = tensor.reshape(-1)
-            if flat.element_size() == 1:  # float8: reductions are not implemented for it everywhere
-                flat = flat.float()
-            if not bool(torch.isfinite(torch.stack(torch.aminmax(flat))).all()):
+            key = (tensor.device, tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+            if key not in verdicts:
+                flat = tensor.reshape(-1)
+                if flat.element_size() == 1:  # float8: reductions are not implemented for it everywhere
+                    flat = flat.float()
+                verdicts[key] = bool(torch.isfinite(torch.stack(torch.aminmax(flat))).all())
+            if not verdicts[key]:
                 bad.append(name)
     return bad

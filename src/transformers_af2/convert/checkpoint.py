@@ -61,8 +61,10 @@ def convert_model(
     )
     check_finite(state, f"the checkpoint {source}")
     target_dtype = parse_dtype(dtype)
-    state = {k: (v.to(target_dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    check_finite(state, f"the checkpoint {source} cast to {target_dtype} (values beyond its range)")
+    cast = {k: v.to(target_dtype) for k, v in state.items() if v.is_floating_point() and v.dtype != target_dtype}
+    # Only a cast can overflow finite values; the tensors already in the target dtype were scanned just above.
+    check_finite(cast, f"the checkpoint {source} cast to {target_dtype} (values beyond its range)")
+    state.update(cast)
     del checkpoint
     model.load_state_dict(state, strict=False, assign=True)
     # Non-persistent buffers (rotary frequencies, Swin's relative indices) are computed, not stored.
