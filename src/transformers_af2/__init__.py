@@ -35,7 +35,7 @@ MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES.setdefault(
 )
 AutoFeatureExtractor.register(AudioFlamingo2Config, AudioFlamingo2FeatureExtractor, exist_ok=True)
 AutoProcessor.register(AudioFlamingo2Config, AudioFlamingo2Processor, exist_ok=True)
-# pipeline("audio-text-to-text") and AF2 as a supported pipeline("any-to-any") model.
+# pipeline("audio-text-to-text").
 register_pipelines()
 # Original-layout checkpoints (the released hub ids, their fine-tunes) wherever a model id is taken; see hub_ids.py.
 hub_ids.install()
