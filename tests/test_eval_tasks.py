@@ -21,7 +21,6 @@ from transformers_af2.evaluation import (
     TASKS,
     BatchedAnswerGenerator,
     CaptionEngine,
-    caption_engine_available,
     run_evaluation,
     score_items,
 )
@@ -324,7 +323,6 @@ def test_cli_resumes_after_kill_9(converted_fixture, tmp_path):
     assert "| accuracy |" in finished.stdout
 
 
-@pytest.mark.skipif(not caption_engine_available(), reason="af2 caption's engine (transformers_af2.caption) is absent")
 def test_caption_engine_gives_the_loop_engines_predictions(generator, loaded, tmp_path):
     """af2 caption's engine (read-ahead, length-grouped, data-parallel) answers exactly as the plain loop does."""
     _, model, processor = loaded
@@ -345,7 +343,6 @@ def test_caption_engine_gives_the_loop_engines_predictions(generator, loaded, tm
         run_evaluation("clotho_aqa", data, tmp_path / "engine", generator, audio_root=audio_root)
 
 
-@pytest.mark.skipif(not caption_engine_available(), reason="af2 caption's engine (transformers_af2.caption) is absent")
 def test_data_parallel_eval_under_torchrun(generator, converted_fixture, tmp_path):
     """Two torchrun processes share the items through the caption engine; the first scores; same answers as one."""
     data, audio_root, ids = build_clotho_aqa(tmp_path / "data")

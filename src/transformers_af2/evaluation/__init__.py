@@ -1,6 +1,6 @@
 """Benchmark evaluation of AF2 as the original does it: `af2 eval`, the task table, readers, scorers, runner."""
 
-from .engines import CaptionEngine, LoopEngine, caption_engine_available
+from .engines import CaptionEngine, LoopEngine
 from .generation import AnswerGenerator, BatchedAnswerGenerator
 from .runner import run_evaluation
 from .scoring import match_label, mmau_string_match, normalize_answer, score_items, short_answer_match
@@ -14,7 +14,6 @@ __all__ = [
     "CaptionEngine",
     "EvalTask",
     "LoopEngine",
-    "caption_engine_available",
     "get_task",
     "match_label",
     "mmau_string_match",

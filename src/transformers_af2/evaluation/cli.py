@@ -61,7 +61,7 @@ def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpForma
         default="auto",
         choices=("auto", "loop", "caption"),
         help="caption: af2 caption's engine (audio read ahead in worker processes, batches grouped by length, "
-        "data-parallel under torchrun); loop: a plain batched loop in this process; auto: caption when installed",
+        "data-parallel under torchrun); loop: a plain batched loop in this process; auto: caption",
     )
     parser.add_argument(
         "--num-workers", type=int, default=2, metavar="N", help="caption engine: processes reading audio (0: none)"
@@ -75,12 +75,10 @@ def run_eval_command(args) -> int:
 
     from ..cli import _resolve_device, load_model_and_processor
     from ..utils import parse_dtype
-    from .engines import CaptionEngine, LoopEngine, caption_engine_available
+    from .engines import CaptionEngine, LoopEngine
     from .generation import BatchedAnswerGenerator
     from .runner import run_evaluation
 
-    if args.engine == "caption" and not caption_engine_available():
-        raise ValueError("--engine caption: af2 caption's engine is not installed here; use --engine loop.")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be 0 or more, got {args.num_workers}.")
     device = _resolve_device(args.device)
@@ -88,7 +86,7 @@ def run_eval_command(args) -> int:
         device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per data-parallel process
     model, processor = load_model_and_processor(args.model, device=device, dtype=parse_dtype(args.dtype, device))
     settings = {**GENERATION_SETTINGS, "max_new_tokens": args.max_new_tokens}
-    if args.engine == "loop" or (args.engine == "auto" and not caption_engine_available()):
+    if args.engine == "loop":
         engine = LoopEngine(BatchedAnswerGenerator(model, processor, settings))
     else:
         engine = CaptionEngine(model, processor, settings, num_workers=args.num_workers)

@@ -25,13 +25,6 @@ PREDICTIONS = "predictions.jsonl"
 GENERATIONS = "generations.jsonl"
 
 
-def caption_engine_available() -> bool:
-    """Whether this installation has `af2 caption`'s generation engine."""
-    import importlib.util
-
-    return importlib.util.find_spec("transformers_af2.caption") is not None
-
-
 def _read_predictions(path: Path, wanted: dict[str, dict]) -> dict[str, dict]:
     """Rows already in `path`, by id. A torn last line (killed mid-write) is cut off the file."""
     if not path.is_file():
@@ -123,8 +116,6 @@ class CaptionEngine:
     """
 
     def __init__(self, model, processor, settings: dict, num_workers: int = 2):
-        if not caption_engine_available():
-            raise ImportError("the caption engine (transformers_af2.caption, `af2 caption`) is not installed here.")
         self.model = model
         self.processor = processor
         self.settings = dict(settings)
