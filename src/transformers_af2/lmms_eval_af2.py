@@ -24,6 +24,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         f"the lmms-eval plugin needs lmms-eval ({error}); install it with: pip install 'transformers-af2[lmms-eval]'"
     ) from None
 
+from .evaluation.generation import BatchedAnswerGenerator
 from .evaluation.tasks import GENERATION_SETTINGS
 
 MODEL_ID = "af2"
@@ -122,15 +123,10 @@ class AudioFlamingo2LmmsEval(lmms):
                 settings["top_p"] = float(task_kwargs["top_p"])
         return settings, until
 
-    @torch.inference_mode()
     def _answer(self, questions: Sequence[str], waveforms: Sequence[np.ndarray], rate: int, settings: dict):
-        inputs = self.processor(text=list(questions), audio=list(waveforms), sampling_rate=rate).to(self.device)
-        inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
-        tokenizer = self.processor.tokenizer
-        generated = self.model.generate(
-            **inputs, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **settings
-        )
-        return self.processor.decode_answers(generated[:, inputs["input_ids"].shape[1] :])
+        # The same batched generate as `af2 eval`'s loop engine.
+        generator = BatchedAnswerGenerator(self.model, self.processor, settings)
+        return generator(waveforms, questions, sampling_rate=rate)
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         answers: list[str | None] = [None] * len(requests)

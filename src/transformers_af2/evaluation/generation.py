@@ -36,10 +36,13 @@ class BatchedAnswerGenerator:
         self._special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
 
     @torch.inference_mode()
-    def __call__(self, audios: Sequence[str], questions: Sequence[str]) -> list[str]:
+    def __call__(self, audios: Sequence, questions: Sequence[str], sampling_rate: int | None = None) -> list[str]:
+        """`audios`: paths, or waveforms at `sampling_rate` (as the processor takes them)."""
         if len(audios) != len(questions):
             raise ValueError(f"got {len(audios)} audios for {len(questions)} questions.")
-        inputs = self.processor(text=list(questions), audio=list(audios)).to(self.model.device)
+        inputs = self.processor(text=list(questions), audio=list(audios), sampling_rate=sampling_rate).to(
+            self.model.device
+        )
         if "input_features" in inputs:
             inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
         generated = self.model.generate(**inputs, **self._special, **self.settings)
