@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P, add_device_arguments, add_model_arguments
+from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P, _one_line, add_device_arguments, add_model_arguments
 from .compat import CACHE_KWARG
 from .soundcot import SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS, soundcot_repair_prefix
 
@@ -359,10 +359,6 @@ def _file_duration(path) -> float | None:
     except Exception:  # the front end read it, but libsndfile cannot tell its length up front
         return None
     return info.frames / info.samplerate if info.samplerate else None
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------------
