@@ -7,6 +7,7 @@ Generation safeguards for AF2, built from transformers' own parts.
   neither the input nor the cause.
 - `honour_max_length`: a user's `max_length` is obeyed although converted checkpoints' generation config sets
   `max_new_tokens` (which `generate` otherwise lets win over `max_length`).
+- `through_first_eos`: generated rows cut after their first eos (what follows is `generate`'s padding).
 """
 
 from __future__ import annotations
@@ -119,10 +120,17 @@ def generate_kwargs_honouring_max_length(generate_kwargs: dict) -> dict:
     return {**generate_kwargs, "generation_config": user_config, "max_new_tokens": None}
 
 
+def through_first_eos(rows: list[list[int]], eos_token_ids) -> list[list[int]]:
+    """Each row of generated token ids up to and including its first eos token; a row without one, whole."""
+    eos_ids = set(eos_token_ids) - {None}
+    return [row[: next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))] for row in rows]
+
+
 __all__ = [
     "NonFiniteLogitsCheck",
     "NonFiniteLogitsError",
     "generate_kwargs_honouring_max_length",
     "honour_max_length",
+    "through_first_eos",
     "with_non_finite_check",
 ]

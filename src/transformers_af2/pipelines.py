@@ -24,7 +24,7 @@ from transformers.pipelines.base import Pipeline, PipelineDataset, PipelineItera
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import Chat, is_valid_message
 
-from .generation_utils import generate_kwargs_honouring_max_length, with_non_finite_check
+from .generation_utils import generate_kwargs_honouring_max_length, through_first_eos, with_non_finite_check
 from .soundcot import repair_unconcluded_answers
 
 logger = logging.get_logger(__name__)
@@ -326,12 +326,7 @@ class AudioTextToTextPipeline(Pipeline):
         new = sequences[:, model_inputs["input_ids"].shape[1] :].tolist()
         config = generate_kwargs.get("generation_config") or self.model.generation_config
         eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        trimmed = []
-        for tokens in new:
-            end = next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
-            trimmed.append(tokens[:end])
-        return trimmed
+        return through_first_eos(new, eos if isinstance(eos, (list, tuple)) else [eos])
 
     # -- inputs that may fail -------------------------------------------------------------------------------------
     def answer_each(self, inputs, batch_size: int = 1, **kwargs):

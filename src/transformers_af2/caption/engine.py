@@ -27,6 +27,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from ..generation_utils import through_first_eos
 from .inputs import Clip, row_id, shard_of
 from .store import RunStore
 
@@ -233,16 +234,11 @@ def stop_reasons(new_tokens: torch.Tensor, eos_token_ids: list[int]) -> tuple[li
     For each row of generated tokens (prompt removed, padded after eos by `generate`): how many tokens were
     generated (up to and including the first eos) and why generation stopped, "eos" or "length".
     """
-    counts, reasons = [], []
-    is_eos = torch.isin(new_tokens, torch.tensor(eos_token_ids, device=new_tokens.device))
-    for row in is_eos:
-        hits = row.nonzero()
-        if len(hits):
-            counts.append(int(hits[0]) + 1)
-            reasons.append("eos")
-        else:
-            counts.append(int(row.shape[0]))
-            reasons.append("length")
+    eos_ids = set(eos_token_ids)
+    # One transfer of the whole batch (a device sync per row otherwise).
+    rows = through_first_eos(new_tokens.tolist(), eos_ids)
+    counts = [len(row) for row in rows]
+    reasons = ["eos" if row and row[-1] in eos_ids else "length" for row in rows]
     return counts, reasons
 
 
