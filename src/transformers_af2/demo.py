@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .caption.engine import source_seconds
 from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P, _one_line, add_device_arguments, add_model_arguments
 from .compat import CACHE_KWARG
+from .generation_utils import through_first_eos
 from .soundcot import SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS, soundcot_repair_prefix
 
 DEFAULT_PORT = 7860
@@ -151,7 +153,7 @@ class AudioQuestionAnswerer:
             # One clip per call: the batch position the front end prefixes ("audio[0]: ") says nothing here.
             message = _one_line(error).replace(str(path), name).removeprefix("audio[0]: ")
             raise ValueError(message if name in message else f"{name}: {message}") from error
-        duration = _file_duration(path)
+        duration = source_seconds(path)
         with self._model_lock, torch.inference_mode():
             device = self.model.device
             input_features = features["input_features"].to(device, self.model.dtype)
@@ -306,7 +308,7 @@ class AudioQuestionAnswerer:
         if "error" in result:
             raise result["error"]
         new_tokens = result["sequences"][0, encoded["input_ids"].shape[1] :].tolist()
-        yield text, _until_eos(new_tokens, self.model.generation_config.eos_token_id)
+        yield text, through_first_eos([new_tokens], self.model.generation_config.eos_token_id)[0]
 
 
 class TokenStreamer(BaseStreamer):
@@ -343,22 +345,6 @@ class TokenStreamer(BaseStreamer):
     def __iter__(self):
         while (text := self._queue.get(timeout=self.timeout)) is not None:
             yield text
-
-
-def _until_eos(tokens: list[int], eos) -> list[int]:
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-    end = next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
-    return tokens[:end]
-
-
-def _file_duration(path) -> float | None:
-    import soundfile
-
-    try:
-        info = soundfile.info(str(path))
-    except Exception:  # the front end read it, but libsndfile cannot tell its length up front
-        return None
-    return info.frames / info.samplerate if info.samplerate else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

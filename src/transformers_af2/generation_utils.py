@@ -120,9 +120,10 @@ def generate_kwargs_honouring_max_length(generate_kwargs: dict) -> dict:
     return {**generate_kwargs, "generation_config": user_config, "max_new_tokens": None}
 
 
-def through_first_eos(rows: list[list[int]], eos_token_ids) -> list[list[int]]:
-    """Each row of generated token ids up to and including its first eos token; a row without one, whole."""
-    eos_ids = set(eos_token_ids) - {None}
+def through_first_eos(rows: list[list[int]], eos_token_id) -> list[list[int]]:
+    """Each row of generated token ids up to and including its first eos token; a row without one, whole.
+    `eos_token_id`: one id or several, as a generation config gives it (None: no eos)."""
+    eos_ids = ({eos_token_id} if eos_token_id is None or isinstance(eos_token_id, int) else set(eos_token_id)) - {None}
     return [row[: next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))] for row in rows]
 
 

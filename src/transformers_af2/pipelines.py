@@ -326,7 +326,7 @@ class AudioTextToTextPipeline(Pipeline):
         new = sequences[:, model_inputs["input_ids"].shape[1] :].tolist()
         config = generate_kwargs.get("generation_config") or self.model.generation_config
         eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
-        return through_first_eos(new, eos if isinstance(eos, (list, tuple)) else [eos])
+        return through_first_eos(new, eos)
 
     # -- inputs that may fail -------------------------------------------------------------------------------------
     def answer_each(self, inputs, batch_size: int = 1, **kwargs):
