@@ -3,6 +3,7 @@ inputs equal the processor's, every input kind and output format, bad clips, set
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from transformers_af2 import cli
 from transformers_af2.caption import RunStore, caption, discover_clips, jobs_for_clips, row_id
 from transformers_af2.caption.engine import BatchGenerator, ClipReader, length_grouped_batches, stop_reasons
-from transformers_af2.caption.store import read_jsonl_lines
+from transformers_af2.runstore import read_jsonl_lines
 
 PROMPT = "Describe the audio."
 NEW_TOKENS = 3
@@ -67,11 +68,14 @@ def test_rows_equal_one_at_a_time_generate(loaded, mixed_clips, tmp_path):
         assert row["answer"] == answer
         assert row["tokens"] == len(new_tokens) == NEW_TOKENS
         assert row["stop_reason"] == "length"
-        assert row["id"] == row_id(row["path"], row["prompt"])
-    sidecar = json.loads((tmp_path / "out.jsonl.meta.json").read_text())
-    assert sidecar["settings"]["generation"] == {"max_new_tokens": NEW_TOKENS, "do_sample": False, "num_beams": 1}
-    assert sidecar["settings"]["dtype"] == "float32"
-    assert set(sidecar["versions"]) >= {"transformers_af2", "transformers", "torch"}
+        # A file's clip id is its resolved path (the fixture's folder is reached through a symlink).
+        assert row["clip_id"] == os.path.realpath(row["path"])
+        assert row["id"] == row_id(row["clip_id"], row["prompt"])
+        assert "_source" not in row  # kept in the parts only
+    provenance = json.loads((tmp_path / "out.jsonl.meta.json").read_text())["provenance"]
+    assert provenance["generation"] == {"max_new_tokens": NEW_TOKENS, "do_sample": False, "num_beams": 1}
+    assert provenance["model"]["dtype"] == "float32"
+    assert set(provenance["versions"]) == {"transformers_af2", "transformers", "torch"}
 
 
 def test_batch_inputs_equal_the_processors(loaded, mixed_clips):
@@ -199,7 +203,9 @@ def test_unreadable_clips_go_to_the_errors_file(loaded, tmp_path, capsys):
                      "--max-new-tokens", "2", "--num-workers", "1", "--device", "cpu"])  # fmt: skip
     assert code == 0
     captured = capsys.readouterr()
-    assert "af2:" not in captured.err  # the progress bar (desc "af2") stays quiet when stderr is not a terminal
+    # Not a terminal: progress as lines (about one per 5 %), here one per clip, the last one complete.
+    progress = [line for line in captured.err.splitlines() if line.startswith("af2: ") and "clips (" in line]
+    assert [line.split()[1] for line in progress] == ["1/4", "2/4", "3/4", "4/4"]
     assert captured.out.strip() == (
         f"af2 caption: 1 done, 3 failed, 0 skipped as already done; 1 rows in {out}; reasons of failures in "
         f"{out}.errors.jsonl"
@@ -224,13 +230,13 @@ def test_other_settings_into_the_same_output_are_an_error(loaded, tmp_path, caps
     clip = _noise(tmp_path / "a.wav", 0.5, 0)
     out = tmp_path / "out.jsonl"
     _run(loaded, [clip], out)
-    with pytest.raises(ValueError, match=r"other settings \(generation: .*'max_new_tokens': 3.*'max_new_tokens': 5"):
+    with pytest.raises(ValueError, match=r"other settings or data: generation.max_new_tokens: was 3, now 5\. "):
         _run(loaded, [clip], out, max_new_tokens=5)
     code = cli.main(["caption", str(clip), "--model", str(loaded[0].repo), "--prompt", PROMPT, "-o", str(out),
                      "--max-new-tokens", "3", "--dtype", "bfloat16", "--device", "cpu"])  # fmt: skip
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading bar
-    assert err.startswith("af2 caption: error: ") and "dtype: 'float32' before, 'bfloat16' now" in err
+    assert err.startswith("af2 caption: error: ") and "model.dtype: was 'float32', now 'bfloat16'" in err
     # The same settings again: everything is skipped, nothing duplicated.
     summary = _run(loaded, [clip], out)
     assert (summary.done, summary.skipped, summary.total_rows) == (0, 1, 1)

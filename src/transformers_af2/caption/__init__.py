@@ -1,9 +1,9 @@
 """Caption and label audio at scale: `af2 caption`, and the resumable, data-parallel generation engine under it."""
 
+from ..runstore import RunStore
 from .command import caption
 from .engine import GenerationJob, ProcessGroup, RunSummary, jobs_for_clips, run_generation_jobs
 from .inputs import Clip, DatasetAudio, discover_clips, row_id
-from .store import RunStore
 
 __all__ = [
     "Clip",

@@ -4,38 +4,14 @@ many processes."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-from pathlib import Path
 
-from .engine import ProcessGroup, RunSummary, jobs_for_clips, package_versions, run_generation_jobs
-from .inputs import AUDIO_EXTENSIONS, discover_clips
+from ..runstore import RunStore, model_fingerprint, package_versions
+from .engine import ProcessGroup, RunSummary, jobs_for_clips, run_generation_jobs
+from .inputs import AUDIO_EXTENSIONS, DatasetAudio, discover_clips
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_NUM_WORKERS = 2
-
-
-def model_revision(model, model_id: str) -> str | None:
-    """
-    What identifies the weights: the hub commit when they came from the hub, else for a local directory a digest of
-    its config and of each weight file's size, head and tail (cheap, and changes when the weights are replaced).
-    """
-    commit = getattr(model.config, "_commit_hash", None)
-    if commit:
-        return commit
-    directory = Path(os.path.expanduser(str(model_id)))
-    if not directory.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(directory.iterdir()):
-        if path.name == "config.json" or path.suffix == ".safetensors":
-            size = path.stat().st_size
-            digest.update(f"{path.name}:{size}".encode())
-            with open(path, "rb") as handle:
-                digest.update(handle.read(1 << 20))
-                handle.seek(max(0, size - (1 << 20)))
-                digest.update(handle.read(1 << 20))
-    return "local-sha256:" + digest.hexdigest()[:16]
 
 
 def generation_settings(model, max_new_tokens=None, do_sample=False, top_k=None, top_p=None, temperature=None):
@@ -83,6 +59,7 @@ def caption(
     id_column: str | None = None,
     prompt_column: str | None = None,
     extensions: tuple[str, ...] = AUDIO_EXTENSIONS,
+    overwrite: bool = False,
 ) -> RunSummary:
     """
     Answers every prompt about every clip of `inputs` and writes one row per (clip, prompt) to `output`.
@@ -94,7 +71,10 @@ def caption(
     Args:
         inputs: a path or a list of them: audio files, folders, `.txt` lists, CSV/TSV/JSONL/Parquet manifests,
             saved `datasets` folders (or, with `dataset=True`, anything `datasets.load_dataset` takes).
-        output: `.jsonl` (default), `.parquet` or `.csv`.
+        output: `.jsonl` (default), `.parquet` or `.csv`. It must be af2's: a file af2 did not write (or that was
+            changed since), an input of the run or a folder is refused; a second run into it while one is on is
+            refused; a resume with another model, dtype, settings or versions is refused (see `runstore`).
+        overwrite: start anew, replacing whatever is at `output` (never an input of the run).
         prompts: the questions asked about every clip (a clip with its own manifest prompt is asked that one).
         model: model id or directory (see `load_model_and_processor`), or a loaded AF2 model with `processor`.
         dtype, device: as in `af2 generate` (`auto`: bfloat16 on GPU, float32 on CPU); under torchrun "auto" and
@@ -113,6 +93,9 @@ def caption(
     with ProcessGroup() as processes:
         inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+        blank = [p for p in prompts if not isinstance(p, str) or not p.strip()]
+        if blank:
+            raise ValueError(f"--prompt {blank[0]!r}: a prompt must hold a question (af2 generate refuses it too).")
         clips = discover_clips(
             inputs,
             extensions=extensions,
@@ -129,9 +112,6 @@ def caption(
 
         if isinstance(model, (str, os.PathLike)):
             model_id = str(model)
-            local = os.path.expanduser(model_id)
-            # A directory is recorded by its absolute path, so that a rerun from another folder matches.
-            recorded_id = os.path.abspath(local) if os.path.isdir(local) else model_id
             resolved_device = _resolve_device(device)
             if resolved_device.type == "cuda" and resolved_device.index is None and processes.world_size > 1:
                 resolved_device = torch.device("cuda", processes.local_rank)  # one GPU per process of the node
@@ -144,23 +124,23 @@ def caption(
         else:
             if processor is None:
                 raise ValueError("caption(model=<loaded model>) needs its processor too: pass processor=.")
-            model_id = recorded_id = model.name_or_path
+            model_id = model.name_or_path
         generate_kwargs = generation_settings(model, max_new_tokens, do_sample, top_k, top_p, temperature)
-        settings = {
-            "model": recorded_id,
-            "revision": model_revision(model, model_id),
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "generation": generate_kwargs,
-        }
+        # A directory is recorded by its resolved path, so that a rerun from another folder matches.
+        settings = {"model": model_fingerprint(model, model_id), "generation": generate_kwargs}
         if do_sample and seed is not None:
             settings["seed"] = seed
         if seed is not None:
             set_seed(seed + processes.rank)
+        # Every file the run reads, so that the output can never be one of them.
+        read = [str(i) for i in inputs if os.path.isfile(os.path.expanduser(str(i)))]
+        read += [clip.audio for clip in clips if not isinstance(clip.audio, DatasetAudio)]
+        store = RunStore(output, inputs=read, overwrite=overwrite)
         return run_generation_jobs(
             jobs,
             model,
             processor,
-            output,
+            store,
             settings=settings,
             versions=package_versions(),
             generate_kwargs=generate_kwargs,
@@ -188,9 +168,14 @@ source (--split, --audio-column).
 OUT is JSONL, or Parquet / CSV by extension. Row fields: id (stable: a hash of clip id and prompt), clip_id (the
 manifest id, the path, or DATASET[SPLIT]#INDEX), path, index (row of the dataset or manifest), prompt, answer,
 windows (10 s windows read), seconds_dropped (audio past the last window), tokens (generated, eos included),
-stop_reason (eos or length). Next to OUT: OUT.meta.json (model, revision, dtype, generation settings, package
-versions; another run into OUT with other settings is an error), OUT.errors.jsonl (clips that could not be read,
-with the reason; the run goes on) and OUT.parts/ (the rows, appended and fsync'ed per batch).
+stop_reason (eos or length). Next to OUT: OUT.meta.json (the run's record: model, weights fingerprint, dtype,
+generation settings, package versions), OUT.lock (held while a run is on), OUT.errors.jsonl (clips that could not
+be read, with the reason; the run goes on) and OUT.parts/ (the rows, appended and fsync'ed per batch).
+
+Safety: af2 replaces only what it wrote. OUT that af2 did not write (or that was changed since), an input of the
+run, or a folder is refused (--overwrite starts anew). A second run into OUT while one is on is refused, naming it.
+A resume with another model, weights, dtype, generation settings or package versions is refused, naming each
+difference; a stored row is reused only if its clip is the same file, unchanged (size and mtime).
 
 Resume: run the same command again, after any interruption (kill -9 included): rows already in OUT.parts are
 skipped. Data-parallel: start the same command under torchrun or accelerate launch; each process takes the clips
@@ -268,7 +253,12 @@ def add_caption_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFo
         default=",".join(e.lstrip(".") for e in AUDIO_EXTENSIONS),
         help="audio file extensions searched in folders, comma-separated",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start anew: replace OUT and its files even if af2 did not write them (never an input of the run)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line per 5%%)")
     parser.set_defaults(handler=run_caption_command)
 
 
@@ -301,6 +291,7 @@ def run_caption_command(args) -> int:
             id_column=args.id_column,
             prompt_column=args.prompt_column,
             extensions=tuple(e.strip() for e in args.extensions.split(",") if e.strip()),
+            overwrite=args.overwrite,
         )
     except ImportError as error:  # an optional dependency (pyarrow, datasets): the message says what to install
         raise RuntimeError(str(error)) from error

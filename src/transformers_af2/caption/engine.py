@@ -8,7 +8,7 @@ questions about many clips).
 Clips are read (decoded, resampled, turned into log-mel windows by the processor's feature extractor) in DataLoader
 worker processes while the model runs. The main process keeps a look-ahead buffer of read clips, sorts it by
 number of windows and generates batches of similar length, then appends the rows of each batch to its own part
-file (see `store.RunStore`). Under torchrun or `accelerate launch` every process takes the clips whose id hashes
+file (see `runstore.RunStore`). Under torchrun or `accelerate launch` every process takes the clips whose id hashes
 to its rank; rank 0 merges all parts once every process is done.
 """
 
@@ -19,17 +19,15 @@ import datetime
 import io
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import soundfile as sf
 import torch
 
 from ..generation_utils import through_first_eos
+from ..runstore import OutputRefused, Progress, RunStore, package_versions
 from .inputs import Clip, row_id, shard_of
-from .store import RunStore
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,9 @@ def jobs_for_clips(clips: list[Clip], prompts: list[str]) -> list[GenerationJob]
         if not asked:
             where = f" ({clip.path})" if clip.path not in (None, clip.clip_id) else ""
             raise ValueError(f"clip {clip.clip_id!r}{where}: no prompt; give --prompt or fill its prompt column.")
-        jobs.extend(GenerationJob(row_id(clip.clip_id, prompt), clip, prompt) for prompt in asked)
+        # `_source` stays in the store's parts: a resume reuses a row only if its clip is still the same file.
+        fields = {"_source": clip.source} if clip.source is not None else {}
+        jobs.extend(GenerationJob(row_id(clip.clip_id, prompt), clip, prompt, fields) for prompt in asked)
     return jobs
 
 
@@ -316,13 +316,6 @@ class BatchGenerator:
         return rows
 
 
-def _progress(total: int, enabled: bool | None):
-    from tqdm.auto import tqdm
-
-    # disable=None: shown only when stderr is a terminal, so logs and CI stay clean. Shows clips/s and the ETA.
-    return tqdm(total=total, unit="clip", desc="af2", disable=None if enabled is None else not enabled, smoothing=0.1)
-
-
 def run_generation_jobs(
     jobs: list[GenerationJob],
     model,
@@ -370,95 +363,120 @@ def run_generation_jobs(
                 raise ValueError(f"job id {job.id} ({job.clip.clip_id!r}, {job.prompt!r}) appears twice in the jobs.")
             seen.add(job.id)
 
-        # Settings: compared by every process, recorded by the first; the barrier keeps the others from starting on an
-        # output whose sidecar is not written yet.
-        if not store.check_settings(settings) and processes.is_main:
-            store.write_settings(settings, versions or {})
-        processes.barrier()
-        store.check_settings(settings)
-
-        done_ids = store.done_ids()
-        mine = [job for job in jobs if shard_of(job.clip.clip_id, processes.world_size) == processes.rank]
-        pending = [job for job in mine if job.id not in done_ids]
-        skipped = len(mine) - len(pending)
-
-        clips: dict[str, list[GenerationJob]] = {}
-        for job in pending:
-            clips.setdefault(job.clip.clip_id, []).append(job)
-        clip_list = [group[0].clip for group in clips.values()]
-        lookahead = lookahead or max(64, 8 * batch_size)
-
-        done = failed = 0
-        rows_part = store.new_part("rows", processes.rank) if pending else None
-        errors_part = None
-        bar = _progress(len(clip_list), progress if processes.is_main else False)
-        rows_left = {clip_id: len(group) for clip_id, group in clips.items()}  # a clip counts once all its rows are in
-        buffer: list[tuple[GenerationJob, dict]] = []
-
-        def flush():
-            nonlocal done
-            for batch in length_grouped_batches(buffer, batch_size, lambda pair: pair[1]["windows"]):
-                rows = generator([job for job, _ in batch], [item for _, item in batch])
-                rows_part.append(rows)
-                done += len(rows)
-                for job, _ in batch:
-                    rows_left[job.clip.clip_id] -= 1
-                    bar.update(int(rows_left[job.clip.clip_id] == 0))
-            buffer.clear()
-
-        try:
-            for item in read_clips(clip_list, processor.feature_extractor, num_workers):
-                group = clips[clip_list[item["position"]].clip_id]
-                if item["error"] is not None:
-                    errors_part = errors_part or store.new_part("errors", processes.rank)
-                    errors_part.append(
-                        {
-                            "id": job.id,
-                            "clip_id": job.clip.clip_id,
-                            "path": job.clip.path,
-                            "index": job.clip.index,
-                            "prompt": job.prompt,
-                            "error": item["error"],
-                        }
-                        for job in group
-                    )
-                    failed += len(group)
-                    bar.update(1)
-                    continue
-                buffer.extend((job, item) for job in group)
-                if len(buffer) >= lookahead:
-                    flush()
-            if buffer:
-                flush()
-        finally:
-            bar.close()
-            for part in (rows_part, errors_part):
-                if part is not None:
-                    part.close()
-
-        done, failed, skipped = processes.sum([done, failed, skipped])
-        processes.barrier()  # every part is complete before the merge reads them
-        summary = RunSummary(done=done, failed=failed, skipped=skipped, output=str(store.output))
+        # The first process checks, locks and records the output for the whole run; the others learn the outcome
+        # (the all-reduce is also the barrier that keeps them from starting before the record is written).
+        refusal = None
         if processes.is_main:
-            total_rows, errors = store.merge([job.id for job in jobs])
-            summary.total_rows = total_rows
-            summary.errors_file = str(store.errors) if errors else None
-        processes.barrier()  # the merged output exists when any process returns
-        return summary
+            try:
+                store.open({**settings, "versions": _strict_versions(versions)})
+            except OutputRefused as error:
+                refusal = error
+        if processes.sum([int(refusal is not None)])[0]:
+            raise refusal or OutputRefused(f"{store.output}: the first process refused the run (see its error).")
+        try:
+            return _generate_and_merge(jobs, generator, store, processes, batch_size, lookahead, num_workers, progress)
+        finally:
+            if processes.is_main:
+                store.close()
 
 
-def package_versions() -> dict:
-    import transformers
+def _strict_versions(versions: dict | None) -> dict:
+    from ..runstore import STRICT_VERSIONS
 
-    from .. import __version__
+    return {name: version for name, version in (versions or {}).items() if name in STRICT_VERSIONS}
 
-    return {
-        "transformers_af2": __version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-    }
+
+def _stale_rows(store: RunStore, jobs: list[GenerationJob]) -> list[str]:
+    """Stored rows that a job would reuse although its clip is now another file or the file changed."""
+    stored = store.stored_sources()
+    stale = []
+    for job in jobs:
+        if job.id in stored and stored[job.id] != (job.clip.path, job.fields.get("_source")):
+            path, source = stored[job.id]
+            stale.append(
+                f"{job.clip.clip_id!r} (was {path} {source}, now {job.clip.path} {job.fields.get('_source')})"
+            )
+    return stale
+
+
+def _generate_and_merge(jobs, generator, store, processes, batch_size, lookahead, num_workers, progress):
+    """Generates this process's pending rows into its part files; the first process then merges them."""
+    stale = _stale_rows(store, jobs)
+    if stale:
+        raise OutputRefused(
+            f"{store.output} holds rows of clips whose audio changed since (size:mtime_ns): {', '.join(stale[:5])}"
+            + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+            + ". Write to another output, or pass --overwrite to start anew."
+        )
+    done_ids = store.done_ids()
+    mine = [job for job in jobs if shard_of(job.clip.clip_id, processes.world_size) == processes.rank]
+    pending = [job for job in mine if job.id not in done_ids]
+    skipped = len(mine) - len(pending)
+
+    clips: dict[str, list[GenerationJob]] = {}
+    for job in pending:
+        clips.setdefault(job.clip.clip_id, []).append(job)
+    clip_list = [group[0].clip for group in clips.values()]
+    lookahead = lookahead or max(64, 8 * batch_size)
+
+    done = failed = 0
+    rows_part = store.new_part("rows", processes.rank) if pending else None
+    errors_part = None
+    shown = progress if processes.is_main else False
+    bar = Progress(len(clip_list), already=skipped, unit="clip", label="af2", enabled=shown)
+    rows_left = {clip_id: len(group) for clip_id, group in clips.items()}  # a clip counts once all its rows are in
+    buffer: list[tuple[GenerationJob, dict]] = []
+
+    def flush():
+        nonlocal done
+        for batch in length_grouped_batches(buffer, batch_size, lambda pair: pair[1]["windows"]):
+            rows = generator([job for job, _ in batch], [item for _, item in batch])
+            rows_part.append(rows)
+            done += len(rows)
+            for job, _ in batch:
+                rows_left[job.clip.clip_id] -= 1
+                bar.update(int(rows_left[job.clip.clip_id] == 0))
+        buffer.clear()
+
+    try:
+        for item in read_clips(clip_list, generator.processor.feature_extractor, num_workers):
+            group = clips[clip_list[item["position"]].clip_id]
+            if item["error"] is not None:
+                errors_part = errors_part or store.new_part("errors", processes.rank)
+                errors_part.append(
+                    {
+                        "id": job.id,
+                        "clip_id": job.clip.clip_id,
+                        "path": job.clip.path,
+                        "index": job.clip.index,
+                        "prompt": job.prompt,
+                        "error": item["error"],
+                    }
+                    for job in group
+                )
+                failed += len(group)
+                bar.update(1)
+                continue
+            buffer.extend((job, item) for job in group)
+            if len(buffer) >= lookahead:
+                flush()
+        if buffer:
+            flush()
+    finally:
+        bar.close()
+        for part in (rows_part, errors_part):
+            if part is not None:
+                part.close()
+
+    done, failed, skipped = processes.sum([done, failed, skipped])
+    processes.barrier()  # every part is complete before the merge reads them
+    summary = RunSummary(done=done, failed=failed, skipped=skipped, output=str(store.output))
+    if processes.is_main:
+        total_rows, errors = store.merge([job.id for job in jobs])
+        summary.total_rows = total_rows
+        summary.errors_file = str(store.errors) if errors else None
+    processes.barrier()  # the merged output exists when any process returns
+    return summary
 
 
 __all__ = [

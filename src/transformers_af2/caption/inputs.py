@@ -4,12 +4,19 @@ turned into `Clip`s with stable ids."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..runstore import file_stamp
+
+logger = logging.getLogger(__name__)
 
 # What libsndfile (the feature extractor's reader) decodes.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
@@ -45,6 +52,8 @@ class Clip:
         path: the audio file, when there is one (written to the rows).
         index: the row index in a dataset or manifest (written to the rows).
         prompt: this clip's own question (a manifest's prompt column); None to ask the run's prompts.
+        source: what the clip's audio was when listed (`size:mtime_ns` of its file, the dataset's fingerprint); a
+            stored row is reused only while it is the same.
     """
 
     clip_id: str
@@ -52,6 +61,7 @@ class Clip:
     path: str | None = None
     index: int | None = None
     prompt: str | None = None
+    source: str | None = None
 
     def read_audio(self):
         return self.audio.read() if isinstance(self.audio, DatasetAudio) else self.audio
@@ -72,16 +82,55 @@ def _normalised(path: Path | str) -> str:
     return os.path.normpath(str(path))
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """
+    A path as text: a name that is not valid UTF-8 (read from disk as surrogate escapes) shows its undecodable bytes
+    as `\\xNN`, so that rows, ids and messages can be written; the clip still reads the file by its real name.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _audio_file_clip(path: Path | str) -> Clip:
+    """A file as a clip: its id is the resolved path, so one file reached by several paths (relative and absolute,
+    through symlinks) is one clip."""
     name = _normalised(path)
-    return Clip(clip_id=name, audio=name, path=name)
+    resolved = os.path.realpath(name)
+    if display_path(name) != name:
+        logger.warning(
+            "%s: the file name is not valid UTF-8; rows show its undecodable bytes as \\xNN", display_path(name)
+        )
+    return Clip(clip_id=display_path(resolved), audio=name, path=display_path(name), source=file_stamp(resolved))
 
 
 def _folder_clips(folder: Path, extensions: tuple[str, ...]) -> list[Clip]:
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()  # os.walk visits in directory order; sorted keeps the clip order the same on every machine
-        found.extend(Path(root) / name for name in sorted(files) if name.lower().endswith(extensions))
+    """Audio files under `folder` in sorted order (a folder's files before its sub-folders, as os.walk lists them).
+    Symlinked folders are followed, each real folder once: a link back to a parent (a loop) is not entered again."""
+    found: list[str] = []
+    visited: set[tuple[int, int]] = set()
+
+    def walk(directory: str) -> None:
+        try:
+            info = os.stat(directory)
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as error:
+            logger.warning("%s: skipped, cannot be listed (%s)", display_path(directory), error.strerror)
+            return
+        if (info.st_dev, info.st_ino) in visited:
+            return
+        visited.add((info.st_dev, info.st_ino))
+        folders = []
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    folders.append(entry.path)
+                elif entry.name.lower().endswith(extensions) and entry.is_file():
+                    found.append(entry.path)
+            except OSError:  # a dangling or looping symlink: nothing to read
+                continue
+        for sub in folders:
+            walk(sub)
+
+    walk(str(folder))
     return [_audio_file_clip(path) for path in found]
 
 
@@ -91,29 +140,51 @@ def _relative_to(base: Path, value: str) -> str:
 
 
 def _list_clips(list_file: Path) -> list[Clip]:
-    """A text file with one audio path per line (relative paths are relative to the list's folder; # comments)."""
+    """A text file with one audio path per line (relative paths are relative to the list's folder; # comments).
+    Names that are not UTF-8 are read as the bytes they are (surrogate escapes), like file names on disk."""
     clips = []
-    for line in list_file.read_text().splitlines():
+    text = list_file.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             clips.append(_audio_file_clip(_relative_to(list_file.parent, line)))
     return clips
 
 
+def read_utf8_text(path: Path) -> str:
+    """A text file's content (UTF-8, a byte-order mark accepted); any other encoding is an error naming the line."""
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 (byte 0x{data[error.start]:02x} at column {column}); save the file as "
+            "UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from None
+
+
 def _manifest_records(manifest: Path) -> list[dict]:
     suffix = manifest.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with open(manifest, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+        handle = io.StringIO(read_utf8_text(manifest), newline="")
+        return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
     if suffix == ".jsonl":
         records = []
-        for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(read_utf8_text(manifest).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{manifest}, line {number}: not JSON ({error}).") from None
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f'{manifest}, line {number}: expected a JSON object such as {{"path": "a.wav"}}, got a '
+                    f"{type(record).__name__}."
+                )
+            records.append(record)
         return records
     try:
         import pyarrow.parquet as pq
@@ -149,11 +220,12 @@ def _manifest_clips(manifest: Path, path_column: str | None, id_column: str | No
         value = record.get(path_key)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{manifest}, row {index}: empty {path_key!r}; every row needs an audio path.")
-        path = _relative_to(manifest.parent, value.strip())
-        clip_id = str(record[id_key]) if id_key is not None and record.get(id_key) not in (None, "") else path
+        clip = _audio_file_clip(_relative_to(manifest.parent, value.strip()))
+        if id_key is not None and record.get(id_key) not in (None, ""):
+            clip = dataclasses.replace(clip, clip_id=str(record[id_key]))
         prompt = record.get(prompt_key) if prompt_key is not None else None
         prompt = prompt if isinstance(prompt, str) and prompt.strip() else None
-        clips.append(Clip(clip_id=clip_id, audio=path, path=path, index=index, prompt=prompt))
+        clips.append(dataclasses.replace(clip, index=index, prompt=prompt))
     return clips
 
 
@@ -191,6 +263,7 @@ def _dataset_clips(source: str, split: str | None, audio_column: str, id_column,
     ids = loaded[id_key] if id_key is not None else None
     prompts = loaded[prompt_key] if prompt_key is not None else None
     name = f"{_normalised(source)}[{split or 'train'}]"
+    fingerprint = getattr(loaded, "_fingerprint", None)
     clips = []
     for index in range(len(loaded)):
         prompt = prompts[index] if prompts is not None else None
@@ -200,6 +273,7 @@ def _dataset_clips(source: str, split: str | None, audio_column: str, id_column,
                 audio=DatasetAudio(loaded, audio_column, index),
                 index=index,
                 prompt=prompt if isinstance(prompt, str) and prompt.strip() else None,
+                source=f"{fingerprint}#{index}" if fingerprint else None,
             )
         )
     return clips
@@ -217,12 +291,17 @@ def discover_clips(
     prompt_column: str | None = None,
 ) -> list[Clip]:
     """
-    The clips of `inputs`, in order, each listed once (the first occurrence of a clip id wins).
+    The clips of `inputs`, in order, each listed once.
 
-    An input is: an audio file; a folder (searched recursively for `extensions`, in sorted order; a folder saved by
-    `datasets` is read as a dataset); a `.txt`/`.lst` list of paths; a `.csv`/`.tsv`/`.jsonl`/`.parquet` manifest with
-    a path column (and optionally an id and a prompt column); or, with `dataset=True`, anything `datasets.load_dataset`
-    takes (hub id or local path), of which `split` and `audio_column` are read.
+    An input is: an audio file; a folder (searched recursively for `extensions`, in sorted order, each real folder
+    once; a folder saved by `datasets` is read as a dataset); a `.txt`/`.lst` list of paths; a
+    `.csv`/`.tsv`/`.jsonl`/`.parquet` manifest with a path column (and optionally an id and a prompt column); or, with
+    `dataset=True`, anything `datasets.load_dataset` takes (hub id or local path), of which `split` and
+    `audio_column` are read.
+
+    Identity: a file's clip id is its resolved path, so a file reached by several paths is one clip; a manifest's id
+    column names its clips instead. One id (with one prompt) listed again for the same file is kept once; one id
+    naming two different files is an error listing them.
     """
     extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     clips: list[Clip] = []
@@ -245,10 +324,41 @@ def discover_clips(
         else:
             # Any other file is taken as audio; an undecodable one goes to the errors file like any bad clip.
             clips.append(_audio_file_clip(path))
-    unique: dict[str, Clip] = {}
+    return _unique(clips)
+
+
+def _audio_identity(clip: Clip):
+    if isinstance(clip.audio, DatasetAudio):
+        return (id(clip.audio.dataset), clip.audio.index)
+    if isinstance(clip.audio, (str, os.PathLike)):
+        return os.path.realpath(clip.audio)
+    return clip.clip_id
+
+
+def _unique(clips: list[Clip]) -> list[Clip]:
+    unique: dict[tuple[str, str | None], Clip] = {}
+    conflicts: list[str] = []
     for clip in clips:
-        unique.setdefault(clip.clip_id, clip)
+        key = (clip.clip_id, clip.prompt)
+        kept = unique.setdefault(key, clip)
+        if kept is not clip and _audio_identity(kept) != _audio_identity(clip):
+            conflicts.append(f"id {clip.clip_id!r}: {kept.path or kept.index} and {clip.path or clip.index}")
+    if conflicts:
+        raise ValueError(
+            f'{len(conflicts)} clip id(s) name two different files (ids are compared as text, so 1 and "1" are one '
+            f"id): {'; '.join(conflicts[:10])}{' ...' if len(conflicts) > 10 else ''}. Give each clip its own id."
+        )
     return list(unique.values())
 
 
-__all__ = ["AUDIO_EXTENSIONS", "Clip", "DatasetAudio", "discover_clips", "is_saved_dataset", "row_id", "shard_of"]
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "Clip",
+    "DatasetAudio",
+    "discover_clips",
+    "display_path",
+    "is_saved_dataset",
+    "read_utf8_text",
+    "row_id",
+    "shard_of",
+]
