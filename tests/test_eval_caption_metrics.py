@@ -40,7 +40,8 @@ def test_cider_d_by_hand(tokenizer):
         ["A dog barks.", "rain falls on a roof"], [["a dog barks", "A dog barks!"], ["Rain falls on a roof."]]
     )
     assert metrics["cider_d"] == pytest.approx((7.5 + 10) / 2)
-    assert metrics["tokenizer"].startswith("ptb (java)" if tokenizer == "java" else "python stand-in (no java")
+    assert metrics["tokenizer"].startswith("ptb (java)" if tokenizer == "java" else "approximate: python stand-in")
+    assert metrics.get("approximate", False) == (tokenizer == "python")
     # A candidate sharing no n-gram with its references scores 0.
     metrics, _ = caption_scores(["A dog barks.", "birds sing"], [["a dog barks"], ["rain falls on a roof"]])
     assert metrics["cider_d"] == pytest.approx(7.5 / 2)

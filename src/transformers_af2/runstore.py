@@ -236,7 +236,7 @@ def model_fingerprint(model, model_id: str | os.PathLike | None) -> dict:
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return {
         "id": str(model_id or getattr(model, "name_or_path", "")),
         "dtype": dtype,
@@ -658,8 +658,8 @@ class RunFolder(RunOutput):
         if not self.folder.is_dir():
             return []
         if not self.record_path.exists():
-            present = sorted(p for p in self.folder.iterdir() if p.name != "run.lock")
-            return present
+            locks = {self.lock.path.name} | {f"{path.name}.lock" for path in self.owned}
+            return sorted(p for p in self.folder.iterdir() if p.name not in locks)
         return self._changed_final_files(self.read_record())
 
 

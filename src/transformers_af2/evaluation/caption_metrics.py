@@ -4,9 +4,10 @@ Java and the SPICE models are installed. Nothing here downloads anything.
 
 The official pipeline tokenises every sentence with Stanford's PTB tokenizer (a Java program,
 stanford-corenlp-3.4.1.jar) before scoring. It runs when Java is on PATH and that jar is in aac-metrics' cache
-(`aac-metrics-download`) or in the installed pycocoevalcap package, which ships it. Without either, a Python
-tokenizer with the same rules for English captions (lower case, punctuation tokens dropped, clitics split) stands in
-and the result says so. SPICE also needs the Stanford CoreNLP 3.6.0 models, which only `aac-metrics-download`
+(`aac-metrics-download`) or in the installed pycocoevalcap package, which ships it; its output is filtered with
+pycocoevalcap's punctuation list exactly (which keeps `-lrb-`, `-rrb-` and the like). Without Java or the jar, a
+Python tokenizer with the same rules for plain English captions stands in, and the results label the scores
+approximate (`tokenizer: "approximate: ..."`, `approximate: true`). SPICE also needs the Stanford CoreNLP 3.6.0 models, which only `aac-metrics-download`
 fetches (from the web): absent, SPICE and SPIDEr are skipped with the reason.
 """
 
@@ -21,25 +22,12 @@ from pathlib import Path
 
 _CORENLP_JAR = Path("aac-metrics") / "stanford_nlp" / "stanford-corenlp-3.4.1.jar"
 _SPICE_JAR = Path("aac-metrics") / "spice" / "spice-1.0.jar"
-_PTB_PUNCTUATION = {
-    "''",
-    "'",
-    "``",
-    "`",
-    "-lrb-",
-    "-rrb-",
-    "-lcb-",
-    "-rcb-",
-    ".",
-    "?",
-    "!",
-    ",",
-    ":",
-    "-",
-    "--",
-    "...",
-}
-_PTB_PUNCTUATION.add(";")
+# pycocoevalcap's (and aac-metrics') list, as it is: the bracket tokens are written in upper case there while
+# `-lowerCase` makes them lower case, so "-lrb-" and the like are kept in the scored text. The official numbers
+# depend on that, so it is kept.
+_PTB_PUNCTUATION = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
 
 
 def _import_aac_metrics():
@@ -77,15 +65,23 @@ _CLOSERS = "\"'`)]},;:!?"
 _ABBREVIATION = re.compile(r"^(?:[a-z]\.)+$")  # p.m., u.s.: PTB keeps their final period
 
 
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+
+
 def python_ptb_tokenize(sentence: str) -> list[str]:
     """
-    PTBTokenizer's `-lowerCase` output for plain English captions, without the punctuation tokens aac-metrics drops:
-    quotes, brackets and sentence punctuation split off words, clitics ('s, n't, 're, ...) split, hyphenated words,
-    times (3:00) and abbreviations (p.m.) kept whole.
+    An approximation of PTBTokenizer's `-lowerCase` output for plain English captions, after pycocoevalcap's
+    punctuation filter: quotes and sentence punctuation split off words and dropped, brackets split off and kept as
+    `-lrb-` / `-rrb-` / `-lsb-` / `-rsb-` / `-lcb-` / `-rcb-` (as the official pipeline keeps them), clitics ('s,
+    n't, 're, ...) split, hyphenated words, times (3:00) and abbreviations (p.m.) kept whole. Used only without Java,
+    and labelled approximate in the results: PTB's rules for rarer text (numbers with commas, URLs, emoticons, "cannot")
+    are not all reproduced.
     """
     tokens: list[str] = []
     for word in sentence.lower().split():
+        leading: list[str] = []
         while word and word[0] in _OPENERS:
+            leading.append(word[0])
             word = word[1:]
         trailing: list[str] = []
         while word:
@@ -98,12 +94,14 @@ def python_ptb_tokenize(sentence: str) -> list[str]:
             else:
                 break
             trailing.append(piece)
+        tokens += [_BRACKETS[p] for p in leading if p in _BRACKETS]
         clitic = next((c for c in _CLITICS if word.endswith(c) and len(word) > len(c)), None)
         if clitic is not None:
             tokens += [word[: -len(clitic)], clitic]
-        elif word:
+        elif word and word.strip(_OPENERS + _CLOSERS + ".-"):
             tokens.append(word)
-    return [t for t in tokens if t not in _PTB_PUNCTUATION and t.strip(_OPENERS + _CLOSERS + ".-")]
+        tokens += [_BRACKETS[p] for p in reversed(trailing) if p in _BRACKETS]
+    return [t for t in tokens if t not in _PTB_PUNCTUATION]
 
 
 def _corenlp_jar() -> Path | None:
@@ -132,7 +130,8 @@ def java_ptb_tokenize(sentences: list[str], java: str, jar: Path) -> list[list[s
             f"PTBTokenizer ({jar}) failed: exit status {result.returncode}, {len(lines)} lines for {len(sentences)} "
             f"sentences; stderr: {result.stderr.decode()[-500:]}"
         )
-    return [[t for t in line.split() if t not in _PTB_PUNCTUATION] for line in lines]
+    # pycocoevalcap: ' '.join(w for w in line.rstrip().split(' ') if w not in PUNCTUATIONS)
+    return [[t for t in line.rstrip().split(" ") if t and t not in _PTB_PUNCTUATION] for line in lines]
 
 
 def _tokenize(candidates, references, java: str | None) -> tuple[list[str], list[list[str]], str]:
@@ -146,7 +145,8 @@ def _tokenize(candidates, references, java: str | None) -> tuple[list[str], list
         reason = (
             "no java on PATH" if java is None else "no stanford-corenlp-3.4.1.jar (aac-metrics cache, pycocoevalcap)"
         )
-        tokens, tokenizer = [python_ptb_tokenize(s) for s in flat], f"python stand-in ({reason})"
+        tokens = [python_ptb_tokenize(s) for s in flat]
+        tokenizer = f"approximate: python stand-in for PTBTokenizer ({reason}); not the official numbers"
     joined = [" ".join(t) for t in tokens]
     tokenized, rest = joined[: len(candidates)], joined[len(candidates) :]
     grouped, start = [], 0
@@ -189,6 +189,8 @@ def caption_scores(candidates: list[str], references: list[list[str]]) -> tuple[
     tokenized, tokenized_refs, tokenizer = _tokenize(candidates, references, java)
     corpus, _ = cider_d(tokenized, tokenized_refs)
     metrics: dict = {"cider_d": float(corpus["cider_d"]), "tokenizer": tokenizer}
+    if tokenizer.startswith("approximate"):
+        metrics["approximate"] = True
     skipped: dict[str, str] = {}
     reason = spice_unavailable_reason(java)
     if reason is None:

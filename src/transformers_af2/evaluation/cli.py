@@ -29,7 +29,9 @@ def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpForma
             "Evaluate Audio Flamingo 2 on a benchmark in its public file format, the way the original evaluation "
             "does: AF2's prompt for the task, greedy decoding (1 beam, 256 new tokens, stop at eos), the benchmark's "
             "official scoring. Predictions go to OUTPUT/predictions.jsonl (a re-run resumes), scores to "
-            "OUTPUT/results.json and OUTPUT/results.md.\n\n"
+            "OUTPUT/results.json and OUTPUT/results.md (MMAU: also OUTPUT/mmau-submission.json, the official "
+            "submission format). af2 writes only into a folder it created, one run at a time; a resume with another "
+            "model, weights, data, prompt or settings is refused, naming the difference (--overwrite starts anew).\n\n"
             f"tasks:\n{_task_table()}\n\n"
             "examples:\n"
             "  af2 eval --task mmau --data mmau-test-mini.json --model af2-3b-hf --output runs/mmau\n"
@@ -66,6 +68,11 @@ def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpForma
     parser.add_argument(
         "--num-workers", type=int, default=2, metavar="N", help="caption engine: processes reading audio (0: none)"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start anew in --output: remove af2's files there (other files are left alone)",
+    )
     add_device_arguments(parser)
     parser.set_defaults(handler=run_eval_command)
 
@@ -91,9 +98,6 @@ def run_eval_command(args) -> int:
     else:
         engine = CaptionEngine(model, processor, settings, num_workers=args.num_workers)
 
-    def progress(done: int, total: int) -> None:
-        print(f"af2 eval: {done}/{total} answered", file=sys.stderr, flush=True)
-
     results = run_evaluation(
         args.task,
         args.data,
@@ -104,7 +108,7 @@ def run_eval_command(args) -> int:
         prompt_template=args.prompt,
         batch_size=args.batch_size,
         limit=args.limit,
-        progress=progress,
+        overwrite=args.overwrite,
     )
     if results is None:  # a data-parallel helper process: the main one scores and prints
         return 0

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..runstore import Progress, file_stamp
 from .generation import AnswerGenerator
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def _generate_missing(
     wanted = {item["id"]: item for item in items}
     done = _read_predictions(path, wanted)
     todo = [(item, prompt) for item, prompt in zip(items, prompts) if item["id"] not in done]
+    bar = Progress(len(todo), already=len(done), label="af2 eval")
     with open(path, "a", encoding="utf-8") as handle:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -85,8 +87,10 @@ def _generate_missing(
                 done[item["id"]] = row
             handle.flush()
             os.fsync(handle.fileno())
+            bar.update(len(batch))
             if progress is not None:
                 progress(len(done), len(items))
+    bar.close()
     return done
 
 
@@ -104,6 +108,7 @@ class LoopEngine:
             )
         self.generator = generator
         self.settings = dict(getattr(generator, "settings", {}))
+        self.model = getattr(generator, "model", None)  # for the run's record (weights fingerprint, dtype)
 
     def answer_items(self, items, prompts, output: Path, batch_size: int, progress=None) -> dict[str, dict]:
         return _generate_missing(items, prompts, self.generator, output / PREDICTIONS, batch_size, progress)
@@ -123,7 +128,8 @@ class CaptionEngine:
         self.is_main = int(os.environ.get("RANK", "0")) == 0
 
     def answer_items(self, items, prompts, output: Path, batch_size: int, progress=None) -> dict[str, dict] | None:
-        from ..caption import Clip, GenerationJob, ProcessGroup, run_generation_jobs
+        from ..caption import Clip, GenerationJob, ProcessGroup, row_id, run_generation_jobs
+        from ..runstore import RunStore
 
         tokenizer = self.processor.tokenizer
         generate_kwargs = {
@@ -131,8 +137,14 @@ class CaptionEngine:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
+        # A row is the answer to one prompt about one item's audio: a changed prompt or audio is never reused.
         jobs = [
-            GenerationJob(item["id"], Clip(clip_id=item["id"], audio=item["audio"], path=item["audio"]), prompt)
+            GenerationJob(
+                row_id(item["id"], prompt),
+                Clip(clip_id=item["id"], audio=item["audio"], path=item["audio"]),
+                prompt,
+                {"_source": file_stamp(item["audio"])},
+            )
             for item, prompt in zip(items, prompts)
         ]
         with ProcessGroup() as processes:
@@ -141,8 +153,8 @@ class CaptionEngine:
                 jobs,
                 self.model,
                 self.processor,
-                output / GENERATIONS,
-                settings={"generate": self.settings, "ids": len(jobs)},
+                RunStore(output / GENERATIONS, command="eval"),
+                settings={"generation": self.settings},
                 generate_kwargs=generate_kwargs,
                 batch_size=batch_size,
                 num_workers=self.num_workers,
@@ -155,11 +167,12 @@ class CaptionEngine:
                 f"{summary.failed} item(s) could not be answered (their audio could not be read); reasons in "
                 f"{summary.errors_file}. Fix or remove them from the data and run again."
             )
-        answers = {}
+        by_row = {}
         for line in (output / GENERATIONS).read_text(encoding="utf-8").splitlines():
             if line.strip():
                 row = json.loads(line)
-                answers[row["id"]] = row["answer"]
+                by_row[row["id"]] = row["answer"]
+        answers = {job.clip.clip_id: by_row[job.id] for job in jobs if job.id in by_row}
         missing = [item["id"] for item in items if item["id"] not in answers]
         if missing:
             raise RuntimeError(

@@ -7,10 +7,13 @@ path, the task's fields for the prompt (`question`, `choices`) and what its scor
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+
+from ..caption.inputs import read_utf8_text
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 
@@ -21,10 +24,9 @@ def _require(condition: bool, source, message: str) -> None:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        rows = list(reader)
-        columns = reader.fieldnames or []
+    reader = csv.DictReader(io.StringIO(read_utf8_text(path), newline=""))
+    rows = list(reader)
+    columns = reader.fieldnames or []
     _require(bool(columns), path, "empty CSV file (no header row).")
     return rows
 
@@ -49,25 +51,70 @@ def _data_file(data: Path, suffixes: tuple[str, ...]) -> Path:
     return data
 
 
+# mmau-test-mini.json as published in github.com/Sakshi113/MMAU, by the SHA-256 of the file: the original release
+# (2024-10 to 2025-03) and MMAU-v05.15.25 (revised in place from 2025-05-15 on; ~25 % of the questions changed).
+# Digests of the repository's files at each commit that changed them; a copy from elsewhere (re-serialised, the
+# Hugging Face dataset) is named by its digest only.
+MMAU_RELEASES = {
+    "bef649e4bdeb436779a929ccdb9caa3f5144899bd087fc05e23065268ba888cc": "original test-mini (MMAU@1c6af99, 2024-10-23)",
+    "a5006730ccb3fbf1fc72016774413b9b4a596bb00ce8f37796d9d30979b46192": "original test-mini (MMAU@78fe032, 2024-10-25)",
+    "1b6d31d0b70c2944a064a5de0147435427af0bcd3167eff175daa8bd5321e9d3": "original test-mini (MMAU@26d9342, 2024-10-29)",
+    "850c2794664d53c1f7e7e2bcf35744b9ab4e60debad2156d67efd6956220affa": "original test-mini (MMAU@a8d61f7, 2024-12-09)",
+    "ed2fd6b6c24ebec1a5a496de5d767e7ebfe79556044d8f0d8bd00ad0cf02d623": "original test-mini (MMAU@a5cd89a, 2025-01-28)",
+    "e8cc09223b497191781756212cb616315690aaa6ea7ac359db1b65d97d1e2433": "original test-mini (MMAU@1f675a9, 2025-03-25)",
+    "d35ec10bc3097fc605661b0eed00a487da74a6e7d9e23736567312c632347400": "v05.15.25 test-mini (MMAU@6674fa1, 2025-05-15)",
+    "9da96f00e43890adfbac3628b7b0dab3a32a6d6ec2d0a800b892ee261d35b818": "v05.15.25 test-mini (MMAU@f2017e3, 2025-05-16)",
+    "ea9f3f53085a2dfcf9ea7f5b2fca76a6634cd212af084bbb4cd8bf22c8903537": "v05.15.25 test-mini (MMAU@2dcf44d, 2025-05-16)",
+    "cafecebbb4e48b9eb83fd88916911a853245379812e08f118984510340b2dc5b": "v05.15.25 test-mini (MMAU@77fbb89, 2025-05-18)",
+    "cc59d9e3fad1a675f311f341b53b05079b94e735e5bc8992ac881ebeda2976f5": "v05.15.25 test-mini (MMAU@8f62d71, 2025-05-19)",
+    "157f1968a686c9e7ffb3669e13296349af72afe78af19c049e5d459ccb59d402": "v05.15.25 test-mini (MMAU@65c0574, 2025-05-22)",
+    "e0042de8b99492539b0a17997b6c12fff90a6d42a47ad5fd8801c80dcb52b405": "v05.15.25 test-mini (MMAU@8415fc1, 2025-05-24)",
+    "0bbabee60dcbd76815948394ac2dd31c41d18ab1215fe6fd6f93e0e510f78d7a": "v05.15.25 test-mini (MMAU@0a30c30, 2025-05-30)",
+    "5c63fe8f2de12e848be146e48436567c2022fe84ea0012da560003c30a24b2b7": "v05.15.25 test-mini (MMAU@b070fb3, 2025-06-23)",
+    "3940399a013d5f6d528ad4f5d1701cce29cdb5b19ccd4e6ab2800e0665dd6ac9": "v05.15.25 test-mini (MMAU@82f34fd, 2025-06-23)",
+    "9f18fda99f8dbc2bc5ecd6323fb5063309f54969810b5c6f1caeb3b8d904cf1c": "v05.15.25 test-mini (MMAU@f0a4a97, 2025-08-09)",
+}
+
+
+def mmau_release(sha256: str, items: list[dict]) -> str:
+    """Which MMAU release a file is: a known one by its digest, else what can be told from the items."""
+    if sha256 in MMAU_RELEASES:
+        return MMAU_RELEASES[sha256]
+    split = "test (answers withheld)" if all(item["answer"] == "" for item in items) else "with answers"
+    return f"unknown release: {len(items)} items, {split}, sha256 {sha256[:16]}"
+
+
 def read_mmau(data: Path, audio_root: Path | None) -> list[dict]:
-    """MMAU's mmau-test-mini.json / mmau-test.json: a list of {id, audio_id, question, choices, answer, task, ...}."""
+    """
+    MMAU's mmau-test-mini.json / mmau-test.json: a list of {id, audio_id, question, choices, answer, task, ...}.
+    The test split withholds its answers (`"answer": ""` on every item): it is read, answered and exported for
+    submission, not scored. Items keep every field of the file (the submission repeats them).
+    """
     path = _data_file(data, (".json",))
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(read_utf8_text(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error}).") from None
     _require(isinstance(entries, list) and bool(entries), path, "expected a non-empty JSON list of questions.")
+    withheld = all(isinstance(entry, dict) and entry.get("answer") == "" for entry in entries)
     root = audio_root or path.parent
     items, seen = [], set()
     for index, entry in enumerate(entries):
         where = f"{path} item {index}"
+        _require(isinstance(entry, dict), where, f"expected a JSON object, got {type(entry).__name__}.")
         missing = [k for k in ("id", "audio_id", "question", "choices", "answer") if k not in entry]
         _require(not missing, where, f"missing keys {missing}.")
         _require(isinstance(entry["choices"], list) and len(entry["choices"]) >= 2, where, "needs 2+ choices.")
-        _require(entry["answer"] in entry["choices"], where, f"answer {entry['answer']!r} is not among its choices.")
-        _require(entry["id"] not in seen, where, f"duplicate id {entry['id']!r}.")
-        seen.add(entry["id"])
-        item = {k: v for k, v in entry.items() if k != "audio_id"}
+        if not withheld:
+            _require(
+                entry["answer"] in entry["choices"],
+                where,
+                f"answer {entry['answer']!r} is not among its choices"
+                + (" (only the test split withholds answers, on every item)." if entry["answer"] == "" else "."),
+            )
+        _require(str(entry["id"]) not in seen, where, f"duplicate id {entry['id']!r}.")
+        seen.add(str(entry["id"]))
+        item = dict(entry)
         item["id"] = str(entry["id"])
         item["audio"] = _audio_file(root, entry["audio_id"], where)
         items.append(item)
@@ -188,7 +235,7 @@ def read_labels(
             pairs = [(str(p.relative_to(data)), p, p.parent.name, str(p)) for p in _audio_files_under(data)]
         else:
             root = audio_root or _data_file(data, (".txt",)).parent
-            for number, line in enumerate(data.read_text(encoding="utf-8").splitlines(), 1):
+            for number, line in enumerate(read_utf8_text(data).splitlines(), 1):
                 if line.strip():
                     relative = Path(line.strip())
                     pairs.append((str(relative), root / relative, relative.parent.name, f"{data} line {number}"))
@@ -234,8 +281,8 @@ def read_fsd50k(data: Path, audio_root: Path | None) -> list[dict]:
     vocabulary_file = path.parent / "vocabulary.csv"
     name = lambda raw: raw.strip().replace("_", " ")  # noqa: E731
     if vocabulary_file.is_file():
-        with open(vocabulary_file, newline="", encoding="utf-8") as handle:
-            label_set = [name(row[1]) for row in csv.reader(handle) if len(row) >= 2]
+        vocabulary = csv.reader(io.StringIO(read_utf8_text(vocabulary_file), newline=""))
+        label_set = [name(row[1]) for row in vocabulary if len(row) >= 2]
     else:
         label_set = sorted({name(label) for row in rows for label in row["labels"].split(",") if label.strip()})
     known = set(label_set)

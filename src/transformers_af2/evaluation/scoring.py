@@ -1,8 +1,9 @@
 """
 Scorers: each turns (prediction, item) pairs into a task's numbers, following the benchmark's official rule.
 
-`score_items(scorer_name, records)` is the entry point; `records` are the rows of predictions.jsonl (dicts with at
-least `prediction` and the fields the reader put there). Every scorer returns `(metrics, breakdown)`: `metrics` maps a
+`score_items(scorer_name, records, options)` is the entry point; `records` are the rows of predictions.jsonl (dicts
+with at least `prediction` and the fields the reader put there); `options` are the task's scorer options (e.g. its
+label aliases). Every scorer returns `(metrics, breakdown)`: `metrics` maps a
 metric name to a number (percent for accuracies, as the papers print them), `breakdown` maps a group name (e.g. MMAU's
 `sound`) to its own metrics.
 """
@@ -66,6 +67,20 @@ def score_mmau(records: Sequence[dict]) -> tuple[dict, dict]:
                 groups[f"{key}={value}"][1] += 1
     breakdown = {name: {"accuracy": _percent(c, n), "count": n} for name, (c, n) in sorted(groups.items())}
     return {"accuracy": _percent(correct, len(records)), "count": len(records)}, breakdown
+
+
+def mmau_submission(records: Sequence[dict]) -> list[dict]:
+    """
+    MMAU's official input format: the benchmark file's items, each with the model's answer added. The MMAU README
+    names the key `model_prediction` while its evaluation.py reads `model_output`; both are written, so the file
+    works with either (and with the submission server, which takes the README's format).
+    """
+    submission = []
+    for record in records:
+        entry = {k: v for k, v in record.items() if k not in ("audio", "prompt", "prediction")}
+        entry["model_prediction"] = entry["model_output"] = record["prediction"]
+        submission.append(entry)
+    return submission
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -148,23 +163,93 @@ def score_clotho_aqa(records: Sequence[dict]) -> tuple[dict, dict]:
     return metrics, breakdown
 
 
-def match_label(prediction: str, labels: Sequence[str]) -> str | None:
+# Words that deny what follows them up to the end of the clause: "not happy", "no dog barking", "isn't rock".
+_NEGATIONS = frozenset(
+    {
+        "not",
+        "no",
+        "never",
+        "without",
+        "neither",
+        "nor",
+        "cannot",
+        "isn",
+        "aren",
+        "wasn",
+        "weren",
+        "doesn",
+        "don",
+        "didn",
+    }
+)
+_CLAUSE_BREAKS = frozenset({"but", "and", "or", "rather", "instead", "though", "although", "however"})
+
+
+def affirmed_clauses(text: str) -> list[str]:
     """
-    The one label a free-text prediction names, or None: an exact match after normalisation first, else MMAU's
-    word rule against the label set (all of the label's words, none of another label's own words).
+    The clauses of `text` (split at punctuation), normalised (`normalize_answer`), with what a negation denies left
+    out: from a negation word to the end of its clause or the next but / and / or ("not happy but sad" -> "but sad").
     """
-    normalized = normalize_answer(prediction)
+    clauses = []
+    for clause in re.split(r"[.,;:!?()\[\]\n]", text):
+        kept, denied = [], False
+        for word in normalize_answer(clause).split():
+            if word in _NEGATIONS:
+                denied = True
+            elif word in _CLAUSE_BREAKS:
+                denied = False
+                kept.append(word)
+            elif not denied:
+                kept.append(word)
+        if kept:
+            clauses.append(" ".join(kept))
+    return clauses
+
+
+@functools.lru_cache(maxsize=4096)
+def _phrase(text: str) -> re.Pattern:
+    return re.compile(r"(?<!\S)" + re.escape(normalize_answer(text)) + r"(?!\S)")
+
+
+def _with_aliases(clause: str, aliases: dict[str, Sequence[str]]) -> str:
+    """Every alias spelled as its label (longest alias first, whole words)."""
+    pairs = sorted(
+        ((normalize_answer(alias), normalize_answer(label)) for label, names in aliases.items() for alias in names),
+        key=lambda pair: -len(pair[0]),
+    )
+    for alias, label in pairs:
+        if alias:
+            clause = re.sub(r"(?<!\S)" + re.escape(alias) + r"(?!\S)", label, clause)
+    return clause
+
+
+def match_label(prediction: str, labels: Sequence[str], aliases: dict[str, Sequence[str]] | None = None) -> str | None:
+    """
+    The one label a free-text prediction names, or None. Negated mentions do not count ("not happy"); `aliases`
+    (label -> other spellings, per dataset) are read as their label. Then, in order: the whole answer is a label;
+    exactly one label is named as a phrase; MMAU's word rule against the label set (all of the label's words, none of
+    another label's own words) finds exactly one.
+    """
+    clauses = [_with_aliases(clause, aliases or {}) for clause in affirmed_clauses(prediction)]
+    text = " | ".join(clauses)
     for label in labels:
-        if normalize_answer(label) == normalized:
+        if [normalize_answer(label)] == clauses:
             return label
-    found = [label for label in labels if mmau_string_match(label, prediction, labels)]
+    named = [label for label in labels if normalize_answer(label) and _phrase(label).search(text)]
+    # A label inside a longer named one ("speech" in "male speech") is not named on its own.
+    named = [a for a in named if not any(a != b and _phrase(a).search(normalize_answer(b)) for b in named)]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        return None
+    found = [label for label in labels if mmau_string_match(label, text, labels)]
     return found[0] if len(found) == 1 else None
 
 
-def score_classification(records: Sequence[dict]) -> tuple[dict, dict]:
+def score_classification(records: Sequence[dict], aliases: dict | None = None) -> tuple[dict, dict]:
     """
     Single-label sets (GTZAN, US8K, CREMA-D, ...): accuracy and macro F1 over the label set, a prediction counting as
-    the label `match_label` finds (none: wrong for every class).
+    the label `match_label` finds with the dataset's `aliases` (none: wrong for every class).
     """
     for record in records:
         if len(record["labels"]) != 1:
@@ -179,7 +264,7 @@ def score_classification(records: Sequence[dict]) -> tuple[dict, dict]:
     correct = 0
     for record in records:
         truth = record["labels"][0]
-        guess = match_label(record["prediction"], record["label_set"])
+        guess = match_label(record["prediction"], record["label_set"], aliases)
         actual[truth] += 1
         if guess is not None:
             predicted[guess] += 1
@@ -195,7 +280,7 @@ def score_classification(records: Sequence[dict]) -> tuple[dict, dict]:
     metrics = {
         "accuracy": _percent(correct, len(records)),
         "macro_f1": 100.0 * sum(f1s) / len(f1s) if f1s else 0.0,
-        "unmatched": sum(match_label(r["prediction"], r["label_set"]) is None for r in records),
+        "unmatched": sum(match_label(r["prediction"], r["label_set"], aliases) is None for r in records),
         "count": len(records),
     }
     breakdown = {
@@ -206,13 +291,26 @@ def score_classification(records: Sequence[dict]) -> tuple[dict, dict]:
     return metrics, breakdown
 
 
-def _named_labels(prediction: str, label_set: Sequence[str]) -> set[str]:
-    """Labels a multi-label prediction names: comma/semicolon-separated parts matched one by one."""
+def _named_labels(prediction: str, label_set: Sequence[str], aliases: dict | None = None) -> set[str]:
+    """
+    Labels a multi-label prediction names. Whole label names first, longest first, each taken out of the text once
+    found (so FSD50K's "Male speech and man speaking" is one label, not split at its "and", and its "speech" is not
+    named again); then the rest's comma / semicolon / "and" separated parts, each matched by `match_label`. Negated
+    mentions do not count.
+    """
     named = set()
-    for part in re.split(r"[,;\n]| and ", prediction):
-        label = match_label(part, label_set)
-        if label is not None:
+    clauses = [_with_aliases(clause, aliases or {}) for clause in affirmed_clauses(prediction)]
+    text = " | ".join(clauses)
+    for label in sorted(label_set, key=lambda label: -len(normalize_answer(label))):
+        pattern = _phrase(label)
+        if normalize_answer(label) and pattern.search(text):
             named.add(label)
+            text = pattern.sub(" | ", text)
+    for part in re.split(r"[|]| and ", text):
+        if part.strip():
+            label = match_label(part, label_set, aliases)
+            if label is not None:
+                named.add(label)
     return named
 
 
@@ -238,14 +336,14 @@ def _average_precision(scores: Sequence[float], truths: Sequence[int]) -> float 
     return total
 
 
-def score_multi_label(records: Sequence[dict]) -> tuple[dict, dict]:
+def score_multi_label(records: Sequence[dict], aliases: dict | None = None) -> tuple[dict, dict]:
     """
     Multi-label sets (FSD50K): the labels a prediction names (its comma / "and" separated parts, each matched by
     `match_label`) against the true ones: micro F1, and mAP over the classes with the named labels as 0/1 scores
     (a generated answer has no ranking; this is the mAP of hard decisions).
     """
     label_set = list(records[0]["label_set"])
-    named = [_named_labels(r["prediction"], r["label_set"]) for r in records]
+    named = [_named_labels(r["prediction"], r["label_set"], aliases) for r in records]
     truths = [set(r["labels"]) for r in records]
     tp = sum(len(n & t) for n, t in zip(named, truths))
     fp = sum(len(n - t) for n, t in zip(named, truths))
@@ -289,7 +387,8 @@ SCORERS: dict[str, Callable[[Sequence[dict]], tuple[dict, dict]]] = {
 }
 
 
-def score_items(scorer: str, records: Sequence[dict]) -> tuple[dict, dict]:
+def score_items(scorer: str, records: Sequence[dict], options: dict | None = None) -> tuple[dict, dict]:
+    """`(metrics, breakdown)` of `records` by the scorer named `scorer`, with the task's scorer `options`."""
     if scorer not in SCORERS:
         raise ValueError(f"scorer {scorer!r} is not one of {sorted(SCORERS)}.")
-    return SCORERS[scorer](records)
+    return SCORERS[scorer](records, **(options or {}))

@@ -32,7 +32,8 @@ class EvalTask:
     """
     One benchmark. `prompt` is a `str.format` template over the item's fields plus `{options}` (the choices as
     "(A) first\\n(B) second"); `reader` names a function of `readers.READERS`, called with `reader_options`;
-    `scorer` names a function of `scoring.SCORERS`. `download` and `data_hint` feed the README table and `--help`.
+    `scorer` names a function of `scoring.SCORERS`, called with `scorer_options` (e.g. the dataset's label aliases).
+    `download` and `data_hint` feed the README table and `--help`.
     """
 
     name: str
@@ -44,6 +45,7 @@ class EvalTask:
     data_hint: str
     reader_options: dict = field(default_factory=dict)
     headline: str = "accuracy"
+    scorer_options: dict = field(default_factory=dict)
 
     def read(self, data, audio_root=None) -> list[dict]:
         return functools.partial(READERS[self.reader], **self.reader_options)(data, audio_root)
@@ -78,6 +80,31 @@ _US8K = {
         "siren",
         "street_music",
     )
+}
+
+# Other spellings of a dataset's labels that answers commonly use, read as the label when scoring (README table).
+LABEL_ALIASES = {
+    "gtzan": {"hiphop": ("hip hop", "hip-hop", "rap")},
+    "us8k": {
+        "air conditioner": ("air conditioning", "air-conditioner"),
+        "car horn": ("car horns", "car honking", "honking", "horn honking"),
+        "children playing": ("children play", "kids playing", "children laughing"),
+        "dog bark": ("dog barking", "dog barks", "dogs barking", "barking dog", "barking"),
+        "drilling": ("drill", "power drill"),
+        "engine idling": ("idling engine", "engine idle", "engine running"),
+        "gun shot": ("gunshot", "gunshots", "gun shots", "gunfire"),
+        "jackhammer": ("jack hammer", "jackhammering"),
+        "siren": ("sirens",),
+        "street music": ("music on the street", "street musician"),
+    },
+    "cremad": {
+        "angry": ("anger", "mad"),
+        "disgusted": ("disgust",),
+        "fearful": ("fear", "afraid", "scared"),
+        "happy": ("happiness", "joy", "joyful"),
+        "neutral": ("neutrality", "calm"),
+        "sad": ("sadness",),
+    },
 }
 
 TASKS: dict[str, EvalTask] = {
@@ -131,6 +158,7 @@ TASKS: dict[str, EvalTask] = {
             download="https://www.tensorflow.org/datasets/catalog/gtzan (genres/ folders)",
             data_hint="genres/ (one folder per genre), or a split list of genre/file.wav lines with --audio-root",
             reader_options=dict(label_set=_GTZAN, label_from="folder"),
+            scorer_options=dict(aliases=LABEL_ALIASES["gtzan"]),
         ),
         EvalTask(
             name="us8k",
@@ -148,6 +176,7 @@ TASKS: dict[str, EvalTask] = {
                 path_template="fold{fold}/{slice_file_name}",
                 default_audio_root="../audio",
             ),
+            scorer_options=dict(aliases=LABEL_ALIASES["us8k"]),
         ),
         EvalTask(
             name="fsd50k",
@@ -170,6 +199,7 @@ TASKS: dict[str, EvalTask] = {
             reader_options=dict(
                 label_set=tuple(_CREMA_D.values()), label_from="filename", label_map=_CREMA_D, filename_field=("_", 2)
             ),
+            scorer_options=dict(aliases=LABEL_ALIASES["cremad"]),
         ),
     )
 }
