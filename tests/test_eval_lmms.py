@@ -6,6 +6,8 @@ runs a tiny local audio task; its answers are AF2's and its score is what they e
 import glob
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -70,39 +72,102 @@ def entry_point_dir(root: Path) -> Path:
     return root
 
 
-def test_lmms_eval_runs_af2_on_a_local_audio_task(loaded, converted_fixture, tmp_path):
-    _, model, processor = loaded
+def _lmms_eval_command() -> str:
     command = shutil.which("lmms-eval", path=str(Path(sys.executable).parent)) or shutil.which("lmms-eval")
     assert command is not None, "lmms_eval is importable but its lmms-eval command is not installed"
-    task_dir = tmp_path / "task"
-    task_dir.mkdir()
-    clips = []
-    for index, (frequency, rate) in enumerate([(300, 22050), (1200, 22050), (500, 22050)]):
-        t = np.arange(int(1.5 * rate)) / rate
-        path = task_dir / f"clip{index}.wav"
-        sf.write(path, (0.4 * np.sin(2 * np.pi * frequency * t)).astype(np.float32), rate)
-        clips.append(str(path))
-    question = "Is there a tone in this audio?"
-    # AF2's own answers with the task's settings (greedy, 4 tokens): the reference for lmms-eval's.
-    expected = BatchedAnswerGenerator(model, processor, {"do_sample": False, "num_beams": 1, "max_new_tokens": 4})(
-        clips, [question] * len(clips)
-    )
-    # Targets: AF2's answer for the first two clips, a wrong one for the third -> exact_match 2/3.
-    targets = [expected[0], expected[1], expected[2] + " never"]
-    with open(task_dir / "docs.jsonl", "w") as handle:
-        for index, (clip, target) in enumerate(zip(clips, targets)):
-            handle.write(json.dumps({"id": index, "audio_path": clip, "question": question, "answer": target}) + "\n")
-    (task_dir / "af2_tiny.yaml").write_text(TASK_YAML.format(docs=task_dir / "docs.jsonl"))
-    (task_dir / "utils.py").write_text(TASK_UTILS)
+    return command
 
+
+def _lmms_env(tmp_path):
     python_path = [str(REPO_ROOT / "src"), str(entry_point_dir(tmp_path / "entry_points"))]
-    env = {
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(python_path + [os.environ.get("PYTHONPATH", "")]),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"),
     }
+
+
+def _finished_run(output: Path, task: str, docs: int) -> tuple[dict, list[dict]]:
+    """The results and samples of a run that really scored `task`: lmms-eval exits 0 even when a task fails, so
+    success is read from its files."""
+    results_files = glob.glob(str(output / "*" / "*_results.json"))
+    samples_files = glob.glob(str(output / "*" / f"*_samples_{task}.jsonl"))
+    assert len(results_files) == 1 and len(samples_files) == 1, f"lmms-eval wrote no results for {task}"
+    results = json.loads(Path(results_files[0]).read_text())["results"]
+    samples = sorted(map(json.loads, Path(samples_files[0]).read_text().splitlines()), key=lambda s: s["doc_id"])
+    assert task in results and len(samples) == docs, f"{task} did not score every doc: {results}"
+    return results[task], samples
+
+
+def _readme_lmms_command() -> list[str]:
+    """The lmms-eval command of the README, as printed (continuation lines joined)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(lmms-eval --model af2 .*?)\n```", readme, re.S)
+    assert block is not None, "the README's lmms-eval example is gone"
+    return shlex.split(block.group(1).replace("\\\n", " "))
+
+
+def _write_tiny_task(task_dir: Path, clips: list[str], question: str, targets: list[str]) -> None:
+    task_dir.mkdir(exist_ok=True)
+    with open(task_dir / "docs.jsonl", "w") as handle:
+        for index, (clip, target) in enumerate(zip(clips, targets)):
+            handle.write(json.dumps({"id": index, "audio_path": clip, "question": question, "answer": target}) + "\n")
+    (task_dir / "af2_tiny.yaml").write_text(TASK_YAML.format(docs=task_dir / "docs.jsonl"))
+    (task_dir / "utils.py").write_text(TASK_UTILS)
+
+
+def _tones(folder: Path, frequencies) -> list[str]:
+    folder.mkdir(exist_ok=True)
+    clips = []
+    for index, frequency in enumerate(frequencies):
+        rate = 22050
+        t = np.arange(int(1.5 * rate)) / rate
+        path = folder / f"clip{index}.wav"
+        sf.write(path, (0.4 * np.sin(2 * np.pi * frequency * t)).astype(np.float32), rate)
+        clips.append(str(path))
+    return clips
+
+
+def test_the_readme_command_runs_as_printed(converted_fixture, tmp_path):
+    """
+    The README's command with its every option as printed (model_args batch_size=8 beside lmms-eval's own
+    --batch_size, dtype, --log_samples); only the model path, the device (no GPU here), the tasks (no hub here, so a
+    local task) and the output folder are this machine's.
+    """
+    argv = _readme_lmms_command()
+    assert argv[:3] == ["lmms-eval", "--model", "af2"]
+    model_args = dict(pair.split("=", 1) for pair in argv[argv.index("--model_args") + 1].split(","))
+    assert model_args["batch_size"] == "8"  # the case that failed: batch_size in --model_args too
+    model_args.update(pretrained=str(converted_fixture.repo), device="cpu")
+    argv[argv.index("--model_args") + 1] = ",".join(f"{k}={v}" for k, v in model_args.items())
+    clips = _tones(tmp_path / "task", (300, 1200, 500))
+    _write_tiny_task(tmp_path / "task", clips, "Is there a tone in this audio?", ["x", "y", "z"])
+    argv[argv.index("--tasks") + 1] = "af2_tiny"
+    argv[argv.index("--output_path") + 1] = str(tmp_path / "out")
+    argv = [_lmms_eval_command(), *argv[1:], "--include_path", str(tmp_path / "task")]
+    result = subprocess.run(argv, env=_lmms_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "multiple values" not in result.stderr
+    scores, samples = _finished_run(tmp_path / "out", "af2_tiny", 3)
+    assert all(isinstance(s["filtered_resps"], str) for s in samples)
+    assert scores["exact_match,none"] == 0.0  # the targets are words the tiny model cannot answer alone
+
+
+def test_lmms_eval_runs_af2_on_a_local_audio_task(loaded, converted_fixture, tmp_path):
+    _, model, processor = loaded
+    command = _lmms_eval_command()
+    task_dir = tmp_path / "task"
+    clips = _tones(task_dir, (300, 1200, 500))
+    question = "Is there a tone in this audio?"
+    # AF2's own answers with the task's settings (greedy, 4 tokens): the reference for lmms-eval's.
+    expected = BatchedAnswerGenerator(model, processor, {"do_sample": False, "num_beams": 1, "max_new_tokens": 4})(
+        clips, [question] * len(clips)
+    )
+    # Targets: AF2's answer for the first two clips, a wrong one for the third -> exact_match 2/3.
+    _write_tiny_task(task_dir, clips, question, [expected[0], expected[1], expected[2] + " never"])
+    env = _lmms_env(tmp_path)
     result = subprocess.run(
         [command, "--model", "af2", "--model_args", f"pretrained={converted_fixture.repo},device=cpu"]
         + ["--tasks", "af2_tiny", "--include_path", str(task_dir), "--batch_size", "2"]
@@ -113,13 +178,10 @@ def test_lmms_eval_runs_af2_on_a_local_audio_task(loaded, converted_fixture, tmp
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    [results_file] = glob.glob(str(tmp_path / "out" / "*" / "*_results.json"))
-    [samples_file] = glob.glob(str(tmp_path / "out" / "*" / "*_samples_af2_tiny.jsonl"))
-    samples = sorted(map(json.loads, Path(samples_file).read_text().splitlines()), key=lambda s: s["doc_id"])
+    scores, samples = _finished_run(tmp_path / "out", "af2_tiny", 3)
     assert [s["filtered_resps"] for s in samples] == expected
     assert [s["input"] for s in samples] == [question] * 3
-    score = json.loads(Path(results_file).read_text())["results"]["af2_tiny"]["exact_match,none"]
-    assert score == pytest.approx(2 / 3)
+    assert scores["exact_match,none"] == pytest.approx(2 / 3)
 
 
 def test_unknown_model_args_are_refused(converted_fixture):

@@ -84,10 +84,28 @@ class AudioFlamingo2LmmsEval(lmms):
         self.model, self.processor = load_model_and_processor(
             pretrained, device=self._device, dtype=parse_dtype(dtype, self._device)
         )
-        self.batch_size_per_call = int(batch_size)
-        self.default_max_new_tokens = int(max_new_tokens)
+        try:
+            self.batch_size_per_call = int(batch_size)
+            self.default_max_new_tokens = int(max_new_tokens)
+        except ValueError:
+            raise ValueError(
+                f"--model_args: batch_size and max_new_tokens must be whole numbers, got {batch_size!r} and "
+                f"{max_new_tokens!r} (af2 has no 'auto' batch size)."
+            ) from None
         if self.batch_size_per_call < 1 or self.default_max_new_tokens < 1:
             raise ValueError("--model_args: batch_size and max_new_tokens must be positive.")
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """
+        lmms-eval passes its own `--batch_size` (default 1), `--max_batch_size` and `--device` beside `--model_args`;
+        a key given in `--model_args` wins over them (lmms-eval's default would pass it twice and fail).
+        """
+        from lmms_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
 
     @property
     def device(self):
