@@ -446,8 +446,9 @@ class RunOutput:
         self.lock.acquire()
         try:
             if self.overwrite:
-                self._remove_owned()
-            self._refuse_foreign()  # again under the lock
+                self._remove_owned()  # af2's files only: a user's files beside them in a folder stay
+            else:
+                self._refuse_foreign()  # again under the lock
             recorded = self.read_record()
             if recorded is None:
                 self.write_record({"format": RECORD_FORMAT, "provenance": provenance, "written": {}})
