@@ -332,7 +332,7 @@ class RunLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(sys.argv)[:500],
+            "command": _command_line()[:500],
         }
         handle.seek(0)
         handle.truncate()
@@ -351,6 +351,13 @@ class RunLock:
         fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
         self._handle.close()
         self._handle = None
+
+
+def _command_line() -> str:
+    """This process's command as the user typed it: `af2 ...` for the command line however it was started."""
+    if Path(sys.argv[0]).name in ("af2", "__main__.py", "cli.py"):
+        return " ".join(["af2", *sys.argv[1:]])
+    return " ".join(sys.argv)
 
 
 def _parse_holder(text: str) -> dict:
