@@ -84,3 +84,58 @@ def test_bad_caption_inputs():
         caption_scores(["a", "b"], [["a"], []])
     with pytest.raises(ValueError, match="2 candidates for 1 reference lists"):
         caption_scores(["a", "b"], [["a"]])
+
+
+def _official_ptb(sentences):
+    """pycocoevalcap's own PTBTokenizer, run as the official pipeline runs it."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenized = PTBTokenizer().tokenize({index: [{"caption": s}] for index, s in enumerate(sentences)})
+    return [tokenized[index][0] for index in range(len(sentences))]
+
+
+SENTENCES = [
+    "Birds (sparrows) chirp while a car passes.",
+    "A dog [barking] near {water} flowing.",
+    'Someone says "hello" -- then leaves...',
+    "The man's voice isn't loud; rain falls at 3:00 p.m.",
+    "Wind-blown leaves rustle, and a door creaks!",
+    "People talk (indistinctly) in the background",
+]
+
+
+def test_java_tokenization_is_pycocoevalcaps():
+    pytest.importorskip("pycocoevalcap", reason="the official tokenizer to compare with")
+    java, jar = shutil.which("java"), caption_metrics._corenlp_jar()
+    if java is None or jar is None:
+        pytest.skip("needs java and stanford-corenlp-3.4.1.jar")
+    ours = [" ".join(tokens) for tokens in java_ptb_tokenize(SENTENCES, java, jar)]
+    assert ours == _official_ptb(SENTENCES)
+    assert "-lrb- sparrows -rrb-" in ours[0]  # kept, as the official pipeline keeps them
+    # The no-Java approximation agrees on these captions.
+    assert [" ".join(python_ptb_tokenize(s)) for s in SENTENCES] == ours
+
+
+def test_cider_d_equals_the_official_pipeline_with_brackets():
+    """CIDEr-D on a set with "(birds)": the official tokenisation (pycocoevalcap) fed to aac-metrics' CIDEr-D."""
+    pytest.importorskip("pycocoevalcap", reason="the official tokenizer to compare with")
+    if shutil.which("java") is None or caption_metrics._corenlp_jar() is None:
+        pytest.skip("needs java and stanford-corenlp-3.4.1.jar")
+    from aac_metrics.functional.cider_d import cider_d
+
+    candidates = ["Small (birds) chirp in trees.", "A car passes by", "Rain (heavy) falls on a roof"]
+    references = [
+        ["Birds chirp in the trees (small birds).", "small birds chirp"],
+        ["A car drives past.", "a car passes by on a road"],
+        ["Heavy rain falls on a roof.", "rain (heavy) hits the roof"],
+    ]
+    flat = candidates + [r for group in references for r in group]
+    official = _official_ptb(flat)
+    official_refs = [official[3:5], official[5:7], official[7:9]]
+    expected = float(cider_d(official[:3], official_refs)[0]["cider_d"])
+    metrics, _ = caption_scores(candidates, references)
+    assert metrics["cider_d"] == pytest.approx(expected, rel=1e-9)
+    # Dropping the bracket tokens (the former behaviour) gives another number.
+    stripped = [" ".join(t for t in s.split() if t not in ("-lrb-", "-rrb-")) for s in official]
+    other = float(cider_d(stripped[:3], [stripped[3:5], stripped[5:7], stripped[7:9]])[0]["cider_d"])
+    assert other != pytest.approx(expected)

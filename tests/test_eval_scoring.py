@@ -130,3 +130,76 @@ def test_single_label_scorer_refuses_several_labels():
 def test_unknown_scorer():
     with pytest.raises(ValueError, match="scorer 'bleu' is not one of"):
         score_items("bleu", [])
+
+
+def test_fsd50k_labels_holding_and_are_matched_whole(tmp_path):
+    """FSD50K writes "Male speech, man speaking" as Male_speech_and_man_speaking: naming exactly the true labels
+    scores 100 (the "and" inside a label is no separator)."""
+    from test_eval_tasks import tone, write_csv
+
+    from transformers_af2.evaluation import TASKS
+
+    truth = tmp_path / "FSD50K.ground_truth"
+    rows = [
+        ["1", "Male_speech_and_man_speaking,Speech,Human_voice", ""],
+        ["2", "Walk_and_footsteps,Run", ""],
+        ["3", "Speech,Human_voice", ""],
+    ]
+    data = write_csv(truth / "eval.csv", ["fname", "labels", "mids"], rows)
+    vocabulary = ["Male_speech_and_man_speaking", "Speech", "Human_voice", "Walk_and_footsteps", "Run", "Dog"]
+    (truth / "vocabulary.csv").write_text("".join(f"{i},{label},/m/{i}\n" for i, label in enumerate(vocabulary)))
+    for name in ("1", "2", "3"):
+        tone(tmp_path / "FSD50K.eval_audio" / f"{name}.wav", 300)
+    items = TASKS["fsd50k"].read(data)
+    assert items[0]["labels"] == ["Male speech and man speaking", "Speech", "Human voice"]
+    exact = [{**item, "prediction": ", ".join(item["labels"])} for item in items]
+    assert score_items("multi_label", exact)[0] == {"micro_f1": 100.0, "mAP": 100.0, "count": 3}
+    # "and" between labels still separates them; a denied label does not count.
+    worded = [
+        {**items[0], "prediction": "male speech and man speaking and speech and human voice"},
+        {**items[1], "prediction": "walk and footsteps, run, not a dog"},
+        {**items[2], "prediction": "Speech; human voice."},
+    ]
+    assert score_items("multi_label", worded)[0]["micro_f1"] == 100.0
+
+
+@pytest.mark.parametrize(
+    ("task", "prediction", "expected"),
+    [
+        ("gtzan", "hip hop", "hiphop"),
+        ("gtzan", "Hip-Hop", "hiphop"),
+        ("gtzan", "This sounds like rap music.", "hiphop"),
+        ("gtzan", "not hip hop, it is jazz", "jazz"),
+        ("us8k", "A dog barking in the distance", "dog bark"),
+        ("us8k", "gunshot", "gun shot"),
+        ("us8k", "gunshots and no siren", "gun shot"),
+        ("us8k", "car honking", "car horn"),
+        ("cremad", "anger", "angry"),
+        ("cremad", "The speaker expresses sadness.", "sad"),
+        ("cremad", "not happy", None),
+        ("cremad", "The speaker is not happy but sad", "sad"),
+        ("cremad", "She isn't angry, she sounds happy", "happy"),
+        ("cremad", "happy or sad", None),  # two labels named
+    ],
+)
+def test_label_aliases_and_negation(task, prediction, expected):
+    from transformers_af2.evaluation import TASKS
+
+    spec = TASKS[task]
+    labels = list(spec.reader_options["label_set"])
+    assert match_label(prediction, labels, spec.scorer_options["aliases"]) == expected
+
+
+def test_classification_scores_use_the_tasks_aliases():
+    from transformers_af2.evaluation import TASKS
+
+    label_set = list(TASKS["cremad"].reader_options["label_set"])
+    rows = [
+        dict(labels=["angry"], label_set=label_set, prediction="anger"),
+        dict(labels=["sad"], label_set=label_set, prediction="sadness"),
+        dict(labels=["happy"], label_set=label_set, prediction="not happy"),
+    ]
+    with_aliases, _ = score_items("classification", rows, TASKS["cremad"].scorer_options)
+    assert (with_aliases["accuracy"], with_aliases["unmatched"]) == (pytest.approx(200 / 3), 1)
+    without, _ = score_items("classification", rows)
+    assert (without["accuracy"], without["unmatched"]) == (0.0, 3)

@@ -374,3 +374,50 @@ def test_data_parallel_eval_under_torchrun(generator, converted_fixture, tmp_pat
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in single_rows]
     assert json.loads((tmp_path / "dp" / "results.json").read_text())["metrics"] == single["metrics"]
     assert stdout.count("| accuracy_unanimous |") == 1  # printed once, by the first process
+
+
+def test_mmau_test_split_is_answered_and_exported_for_submission(generator, tmp_path):
+    """MMAU's test split withholds every answer ("answer": ""): answered, not scored, exported in the official
+    format (the benchmark's items with `model_prediction`); the release is recorded by the file's digest."""
+    data, _, ids = build_mmau(tmp_path / "data")
+    entries = json.loads(data.read_text())
+    data.write_text(json.dumps([{**entry, "answer": ""} for entry in entries]))
+    results = run_evaluation("mmau", data, tmp_path / "out", generator)
+    assert results["metrics"] == {"count": 3}
+    assert "answers are withheld" in results["skipped"]["accuracy"]
+    assert results["data"]["release"].startswith("unknown release: 3 items, test (answers withheld), sha256 ")
+    rows = [json.loads(line) for line in (tmp_path / "out" / PREDICTIONS).read_text().splitlines()]
+    submission = json.loads((tmp_path / "out" / "mmau-submission.json").read_text())
+    assert [entry["id"] for entry in submission] == ids
+    for entry, original, row in zip(submission, entries, rows):
+        assert {k: v for k, v in entry.items() if not k.startswith("model_")} == {**original, "answer": ""}
+        assert entry["model_prediction"] == entry["model_output"] == row["prediction"]
+    # One item without its answer in a scored file is an error, not a silently withheld split.
+    entries[1]["answer"] = ""
+    data.write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"item 1: answer '' is not among its choices \(only the test split"):
+        TASKS["mmau"].read(data)
+
+
+def test_mmau_results_print_the_official_groups(tmp_path):
+    """results.md has the official script's task-wise, difficulty-wise and sub-category tables; the submission file
+    of test-mini scores the same with the official rule."""
+    from transformers_af2.evaluation import mmau_string_match
+
+    data, _, _ = build_mmau(tmp_path / "data")
+    answers = {"q0": "Man", "q1": "a robot, not a child", "q2": "Woman"}  # right, wrong (names a wrong choice), wrong
+
+    class Fixed:
+        settings = {"fixed": True}
+
+        def __call__(self, audios, questions):
+            return [answers[Path(a).stem] for a in audios]
+
+    results = run_evaluation("mmau", data, tmp_path / "out", Fixed())
+    assert results["metrics"]["accuracy"] == pytest.approx(100 / 3)
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| task | accuracy | count |\n| --- | --- | --- |\n| music | 0.00 | 1 |\n| sound | 100.00 | 1 |" in markdown
+    assert "| difficulty | accuracy | count |" in markdown and "| sub-category | accuracy | count |" in markdown
+    submission = json.loads((tmp_path / "out" / "mmau-submission.json").read_text())
+    official = [mmau_string_match(e["answer"], e["model_output"], e["choices"]) for e in submission]
+    assert official == [True, False, False]
