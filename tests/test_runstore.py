@@ -314,3 +314,32 @@ def test_an_empty_prompt_is_refused(tmp_path):
     clip = _noise(tmp_path / "a.wav")
     with pytest.raises(ValueError, match=r"--prompt '': a prompt must hold a question"):
         caption([clip], tmp_path / "out.jsonl", prompts=[""], model=str(tmp_path / "never-loaded"))
+
+
+def test_a_run_stopped_while_replacing_its_output_is_still_af2s(tmp_path, monkeypatch):
+    """The record accepts the new file's stamp before the rename and drops the old one after: a run stopped between
+    the two (here: the rename fails as a kill would leave it) resumes instead of refusing af2's own file."""
+    out = tmp_path / "out.jsonl"
+    store = RunStore(out)
+    store.open({"a": 1})
+    store.write_final(out, lambda tmp: tmp.write_text("old\n"))
+    store.close()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    store = RunStore(out)
+    store.open({"a": 1})
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            store.write_final(out, lambda tmp: tmp.write_text("new, longer\n"))
+    store.close()
+    assert out.read_text() == "old\n"
+    again = RunStore(out)
+    assert again.open({"a": 1}) is True  # resumed, not refused
+    again.write_final(out, lambda tmp: tmp.write_text("new, longer\n"))
+    again.close()
+    out.write_text("edited\n")  # a change by someone else is still seen
+    with pytest.raises(OutputRefused, match="was not written by af2 caption, or was changed since"):
+        RunStore(out).open({"a": 1})

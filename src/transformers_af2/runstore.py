@@ -90,14 +90,17 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, write) -> None:
-    """Calls `write(tmp_path)`, fsyncs the file and renames it over `path`: readers see the old or the new file."""
+def write_atomically(path: Path, write, before_replace=None) -> None:
+    """Calls `write(tmp_path)`, fsyncs the file and renames it over `path`: readers see the old or the new file.
+    `before_replace(tmp_path)` runs between the two (the rename keeps the file's size and mtime)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -503,15 +506,35 @@ class RunOutput:
         self.record_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomically(self.record_path, record)
 
-    def mark_written(self) -> None:
-        """Records the size and mtime of the final files just written (see `final`)."""
+    def write_final(self, path: Path, write) -> None:
+        """
+        Writes a final file atomically (see `write_atomically`) and records its size and mtime, so that a later change
+        by anyone else is noticed. The new stamp is accepted before the rename and the old one dropped after it: a
+        kill at any point leaves a file whose stamp the record accepts.
+        """
+
+        def accept(tmp: Path) -> None:
+            self._set_accepted(path, [*self._accepted(path), file_stamp(tmp)])
+
+        write_atomically(path, write, before_replace=accept)
+        self._set_accepted(path, [file_stamp(path)])
+
+    def remove_final(self, path: Path) -> None:
+        if path.exists():
+            path.unlink()
+        self._set_accepted(path, [])
+
+    def _accepted(self, path: Path) -> list[str]:
+        return list((self.read_record() or {}).get("written", {}).get(path.name, []))
+
+    def _set_accepted(self, path: Path, stamps: list[str]) -> None:
         record = self.read_record()
-        record["written"] = {path.name: file_stamp(path) for path in self.final if path.exists()}
+        record.setdefault("written", {})[path.name] = stamps
         self.write_record(record)
 
     def _changed_final_files(self, record: dict | None) -> list[Path]:
         written = (record or {}).get("written", {})
-        return [path for path in self.final if path.exists() and written.get(path.name) != file_stamp(path)]
+        return [path for path in self.final if path.exists() and file_stamp(path) not in written.get(path.name, [])]
 
     def _remove_owned(self) -> None:
         for path in self.owned:
@@ -614,13 +637,12 @@ class RunStore(RunOutput):
         errors.sort(key=lambda e: position.get(e["id"], len(order)))
 
         public = [{k: v for k, v in row.items() if not k.startswith("_")} for row in ordered]
-        write_atomically(self.output, lambda tmp: write_rows(tmp, public, self.format))
+        self.write_final(self.output, lambda tmp: write_rows(tmp, public, self.format))
         if errors:
-            write_atomically(self.errors, lambda tmp: write_rows(tmp, errors, "jsonl"))
-        elif self.errors.exists():
-            self.errors.unlink()
+            self.write_final(self.errors, lambda tmp: write_rows(tmp, errors, "jsonl"))
+        else:
+            self.remove_final(self.errors)
         self._compact(ordered, errors)
-        self.mark_written()
         return len(ordered), len(errors)
 
     def _compact(self, rows: list[dict], errors: list[dict]) -> None:

@@ -28,8 +28,6 @@ from ..runstore import (
     file_stamp,
     model_fingerprint,
     package_versions,
-    write_atomically,
-    write_json_atomically,
 )
 from .engines import GENERATIONS, PREDICTIONS, LoopEngine
 from .readers import mmau_release
@@ -185,7 +183,8 @@ def _score_and_write(task: EvalTask, rows: list[dict], folder: RunFolder, proven
         skipped = {k[len("skipped ") :]: v["reason"] for k, v in breakdown.items() if k.startswith("skipped ")}
         breakdown = {k: v for k, v in breakdown.items() if not k.startswith("skipped ")}
     if task.reader == "mmau":
-        write_json_atomically(output / MMAU_SUBMISSION, mmau_submission(rows))
+        submission = mmau_submission(rows)
+        folder.write_final(output / MMAU_SUBMISSION, lambda tmp: _write_json(tmp, submission))
     results = {
         "task": task.name,
         "model": model_name,
@@ -197,8 +196,11 @@ def _score_and_write(task: EvalTask, rows: list[dict], folder: RunFolder, proven
         "generation": provenance["generation"],
         "prompt_template": provenance["prompt_template"],
     }
-    write_json_atomically(output / RESULTS, results)
+    folder.write_final(output / RESULTS, lambda tmp: _write_json(tmp, results))
     markdown = _markdown(task, metrics, breakdown, skipped, provenance["data"])
-    write_atomically(output / RESULTS_MD, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
-    folder.mark_written()
+    folder.write_final(output / RESULTS_MD, lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     return results
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
