@@ -213,7 +213,9 @@ def test_unreadable_clips_go_to_the_errors_file(loaded, tmp_path, capsys):
     assert [r["path"] for r in _read_jsonl(out)] == [str(good)]
     errors = {r["path"].rsplit("/", 1)[1]: r["error"] for r in _read_jsonl(tmp_path / "out.jsonl.errors.jsonl")}
     assert set(errors) == {"corrupt.wav", "empty.wav", "missing.wav"}
-    assert "cannot decode this audio" in errors["corrupt.wav"]
+    assert errors["corrupt.wav"].startswith(f"ValueError: {tmp_path / 'corrupt.wav'}: cannot decode this audio")
+    for name, error in errors.items():  # the clip named once at the start, not "path: path: ..."
+        assert error.split(": ", 2)[1:] != [str(tmp_path / name)] * 2 and f"{tmp_path / name}: {tmp_path}" not in error
     assert "the audio is empty" in errors["empty.wav"]
     assert "no such audio file" in errors["missing.wav"]
 

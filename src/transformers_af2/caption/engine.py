@@ -183,7 +183,8 @@ class ClipReader(torch.utils.data.Dataset):
         except Exception as error:  # any unreadable clip: recorded with its reason, never fatal to the run
             reason = " ".join(str(error).split()) or type(error).__name__
             name = clip.path or clip.clip_id
-            reason = reason.replace("audio[0]", name)
+            # The extractor names the input "audio[0]" and often the path after it: name the clip once.
+            reason = reason.replace(f"audio[0]: {clip.audio}: ", "audio[0]: ").replace("audio[0]", name)
             return {"position": position, "error": f"{type(error).__name__}: {reason}"}
         windows = int(features["input_features_mask"][0].sum())
         seconds = source_seconds(audio)
