@@ -343,3 +343,15 @@ def test_a_run_stopped_while_replacing_its_output_is_still_af2s(tmp_path, monkey
     out.write_text("edited\n")  # a change by someone else is still seen
     with pytest.raises(OutputRefused, match="was not written by af2 caption, or was changed since"):
         RunStore(out).open({"a": 1})
+
+
+def test_a_refusal_lists_ten_differences_and_counts_the_rest(tmp_path):
+    out = tmp_path / "out.jsonl"
+    store = RunStore(out)
+    store.open({"audio": {f"clip{i:02d}": "1:1" for i in range(25)}})
+    store.close()
+    with pytest.raises(OutputRefused) as refused:
+        RunStore(out).open({"audio": {f"clip{i:02d}": "2:2" for i in range(25)}})
+    message = str(refused.value)
+    assert "audio.clip00: was '1:1', now '2:2'" in message and "audio.clip09:" in message
+    assert "audio.clip10:" not in message and "; and 15 more." in message

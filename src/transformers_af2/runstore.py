@@ -466,8 +466,11 @@ class RunOutput:
                 return False
             differences = record_differences(recorded.get("provenance"), provenance)
             if differences:
+                listed = "; ".join(differences[:10]) + (
+                    f"; and {len(differences) - 10} more" if len(differences) > 10 else ""
+                )
                 raise OutputRefused(
-                    f"{self.target} holds results of a run with other settings or data: {'; '.join(differences)}. "
+                    f"{self.target} holds results of a run with other settings or data: {listed}. "
                     "Resume with the same model, data and settings, write to another output, or pass --overwrite "
                     "to start anew."
                 )
