@@ -26,7 +26,7 @@ import soundfile as sf
 import torch
 
 from ..generation_utils import through_first_eos
-from ..runstore import OutputRefused, Progress, RunStore, package_versions
+from ..runstore import STRICT_VERSIONS, OutputRefused, Progress, RunStore, package_versions
 from .inputs import Clip, row_id, shard_of
 
 
@@ -317,6 +317,19 @@ class BatchGenerator:
         return rows
 
 
+def _stale_rows(store: RunStore, jobs: list[GenerationJob]) -> list[str]:
+    """Stored rows that a job would reuse although its clip is now another file or the file changed."""
+    stored = store.stored_sources()
+    stale = []
+    for job in jobs:
+        if job.id in stored and stored[job.id] != (job.clip.path, job.fields.get("_source")):
+            path, source = stored[job.id]
+            stale.append(
+                f"{job.clip.clip_id!r} (was {path} {source}, now {job.clip.path} {job.fields.get('_source')})"
+            )
+    return stale
+
+
 def run_generation_jobs(
     jobs: list[GenerationJob],
     model,
@@ -354,7 +367,10 @@ def run_generation_jobs(
         `RunSummary` with the counts over all processes (`total_rows` and `errors_file` on rank 0, which merges).
     """
     # A group made here is closed here; one passed in belongs to the caller.
-    with ProcessGroup() if processes is None else contextlib.nullcontext(processes) as processes:
+    with (
+        ProcessGroup() if processes is None else contextlib.nullcontext(processes) as processes,
+        contextlib.ExitStack() as on_exit,
+    ):
         store = output if isinstance(output, RunStore) else RunStore(output)
         generator = BatchGenerator(model, processor, generate_kwargs or {})
         generator.check_prompts(list(dict.fromkeys(job.prompt for job in jobs)))
@@ -369,115 +385,90 @@ def run_generation_jobs(
         refusal = None
         if processes.is_main:
             try:
-                store.open({**settings, "versions": _strict_versions(versions)})
+                strict = {name: v for name, v in (versions or {}).items() if name in STRICT_VERSIONS}
+                store.open({**settings, "versions": strict})
+                on_exit.callback(store.close)
             except OutputRefused as error:
                 refusal = error
         if processes.sum([int(refusal is not None)])[0]:
             raise refusal or OutputRefused(f"{store.output}: the first process refused the run (see its error).")
-        try:
-            return _generate_and_merge(jobs, generator, store, processes, batch_size, lookahead, num_workers, progress)
-        finally:
-            if processes.is_main:
-                store.close()
-
-
-def _strict_versions(versions: dict | None) -> dict:
-    from ..runstore import STRICT_VERSIONS
-
-    return {name: version for name, version in (versions or {}).items() if name in STRICT_VERSIONS}
-
-
-def _stale_rows(store: RunStore, jobs: list[GenerationJob]) -> list[str]:
-    """Stored rows that a job would reuse although its clip is now another file or the file changed."""
-    stored = store.stored_sources()
-    stale = []
-    for job in jobs:
-        if job.id in stored and stored[job.id] != (job.clip.path, job.fields.get("_source")):
-            path, source = stored[job.id]
-            stale.append(
-                f"{job.clip.clip_id!r} (was {path} {source}, now {job.clip.path} {job.fields.get('_source')})"
+        stale = _stale_rows(store, jobs)
+        if stale:
+            raise OutputRefused(
+                f"{store.output} holds rows of clips whose audio changed since (size:mtime_ns): {', '.join(stale[:5])}"
+                + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+                + ". Write to another output, or pass --overwrite to start anew."
             )
-    return stale
 
+        done_ids = store.done_ids()
+        mine = [job for job in jobs if shard_of(job.clip.clip_id, processes.world_size) == processes.rank]
+        pending = [job for job in mine if job.id not in done_ids]
+        skipped = len(mine) - len(pending)
 
-def _generate_and_merge(jobs, generator, store, processes, batch_size, lookahead, num_workers, progress):
-    """Generates this process's pending rows into its part files; the first process then merges them."""
-    stale = _stale_rows(store, jobs)
-    if stale:
-        raise OutputRefused(
-            f"{store.output} holds rows of clips whose audio changed since (size:mtime_ns): {', '.join(stale[:5])}"
-            + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
-            + ". Write to another output, or pass --overwrite to start anew."
-        )
-    done_ids = store.done_ids()
-    mine = [job for job in jobs if shard_of(job.clip.clip_id, processes.world_size) == processes.rank]
-    pending = [job for job in mine if job.id not in done_ids]
-    skipped = len(mine) - len(pending)
+        clips: dict[str, list[GenerationJob]] = {}
+        for job in pending:
+            clips.setdefault(job.clip.clip_id, []).append(job)
+        clip_list = [group[0].clip for group in clips.values()]
+        lookahead = lookahead or max(64, 8 * batch_size)
 
-    clips: dict[str, list[GenerationJob]] = {}
-    for job in pending:
-        clips.setdefault(job.clip.clip_id, []).append(job)
-    clip_list = [group[0].clip for group in clips.values()]
-    lookahead = lookahead or max(64, 8 * batch_size)
+        done = failed = 0
+        rows_part = store.new_part("rows", processes.rank) if pending else None
+        errors_part = None
+        shown = progress if processes.is_main else False
+        bar = Progress(len(clip_list), already=skipped, unit="clip", label="af2", enabled=shown)
+        rows_left = {clip_id: len(group) for clip_id, group in clips.items()}  # a clip counts once all its rows are in
+        buffer: list[tuple[GenerationJob, dict]] = []
 
-    done = failed = 0
-    rows_part = store.new_part("rows", processes.rank) if pending else None
-    errors_part = None
-    shown = progress if processes.is_main else False
-    bar = Progress(len(clip_list), already=skipped, unit="clip", label="af2", enabled=shown)
-    rows_left = {clip_id: len(group) for clip_id, group in clips.items()}  # a clip counts once all its rows are in
-    buffer: list[tuple[GenerationJob, dict]] = []
+        def flush():
+            nonlocal done
+            for batch in length_grouped_batches(buffer, batch_size, lambda pair: pair[1]["windows"]):
+                rows = generator([job for job, _ in batch], [item for _, item in batch])
+                rows_part.append(rows)
+                done += len(rows)
+                for job, _ in batch:
+                    rows_left[job.clip.clip_id] -= 1
+                    bar.update(int(rows_left[job.clip.clip_id] == 0))
+            buffer.clear()
 
-    def flush():
-        nonlocal done
-        for batch in length_grouped_batches(buffer, batch_size, lambda pair: pair[1]["windows"]):
-            rows = generator([job for job, _ in batch], [item for _, item in batch])
-            rows_part.append(rows)
-            done += len(rows)
-            for job, _ in batch:
-                rows_left[job.clip.clip_id] -= 1
-                bar.update(int(rows_left[job.clip.clip_id] == 0))
-        buffer.clear()
-
-    try:
-        for item in read_clips(clip_list, generator.processor.feature_extractor, num_workers):
-            group = clips[clip_list[item["position"]].clip_id]
-            if item["error"] is not None:
-                errors_part = errors_part or store.new_part("errors", processes.rank)
-                errors_part.append(
-                    {
-                        "id": job.id,
-                        "clip_id": job.clip.clip_id,
-                        "path": job.clip.path,
-                        "index": job.clip.index,
-                        "prompt": job.prompt,
-                        "error": item["error"],
-                    }
-                    for job in group
-                )
-                failed += len(group)
-                bar.update(1)
-                continue
-            buffer.extend((job, item) for job in group)
-            if len(buffer) >= lookahead:
+        try:
+            for item in read_clips(clip_list, processor.feature_extractor, num_workers):
+                group = clips[clip_list[item["position"]].clip_id]
+                if item["error"] is not None:
+                    errors_part = errors_part or store.new_part("errors", processes.rank)
+                    errors_part.append(
+                        {
+                            "id": job.id,
+                            "clip_id": job.clip.clip_id,
+                            "path": job.clip.path,
+                            "index": job.clip.index,
+                            "prompt": job.prompt,
+                            "error": item["error"],
+                        }
+                        for job in group
+                    )
+                    failed += len(group)
+                    bar.update(1)
+                    continue
+                buffer.extend((job, item) for job in group)
+                if len(buffer) >= lookahead:
+                    flush()
+            if buffer:
                 flush()
-        if buffer:
-            flush()
-    finally:
-        bar.close()
-        for part in (rows_part, errors_part):
-            if part is not None:
-                part.close()
+        finally:
+            bar.close()
+            for part in (rows_part, errors_part):
+                if part is not None:
+                    part.close()
 
-    done, failed, skipped = processes.sum([done, failed, skipped])
-    processes.barrier()  # every part is complete before the merge reads them
-    summary = RunSummary(done=done, failed=failed, skipped=skipped, output=str(store.output))
-    if processes.is_main:
-        total_rows, errors = store.merge([job.id for job in jobs])
-        summary.total_rows = total_rows
-        summary.errors_file = str(store.errors) if errors else None
-    processes.barrier()  # the merged output exists when any process returns
-    return summary
+        done, failed, skipped = processes.sum([done, failed, skipped])
+        processes.barrier()  # every part is complete before the merge reads them
+        summary = RunSummary(done=done, failed=failed, skipped=skipped, output=str(store.output))
+        if processes.is_main:
+            total_rows, errors = store.merge([job.id for job in jobs])
+            summary.total_rows = total_rows
+            summary.errors_file = str(store.errors) if errors else None
+        processes.barrier()  # the merged output exists when any process returns
+        return summary
 
 
 __all__ = [
