@@ -41,11 +41,12 @@ def model_revision(model, model_id: str) -> str | None:
 def generation_settings(model, max_new_tokens=None, do_sample=False, top_k=None, top_p=None, temperature=None):
     """The `generate` arguments of a run, with the model's defaults filled in so the sidecar says what was used."""
     from ..cli import DEFAULT_TOP_K, DEFAULT_TOP_P
+    from ..families import family_class
 
     if not do_sample and any(v is not None for v in (top_k, top_p, temperature)):
         raise ValueError("top_k, top_p and temperature (--top-k, --top-p, --temperature) apply to sampling only.")
     settings = {
-        "max_new_tokens": max_new_tokens or model.generation_config.max_new_tokens,
+        "max_new_tokens": max_new_tokens or family_class(model.config.model_type).default_max_new_tokens(model),
         "do_sample": bool(do_sample),
         "num_beams": 1,
     }

@@ -124,13 +124,9 @@ class CaptionEngine:
 
     def answer_items(self, items, prompts, output: Path, batch_size: int, progress=None) -> dict[str, dict] | None:
         from ..caption import Clip, GenerationJob, ProcessGroup, run_generation_jobs
+        from ..families import family_for
 
-        tokenizer = self.processor.tokenizer
-        generate_kwargs = {
-            **self.settings,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
+        generate_kwargs = {**self.settings, **family_for(self.model, self.processor).stop_kwargs(self.model)}
         jobs = [
             GenerationJob(item["id"], Clip(clip_id=item["id"], audio=item["audio"], path=item["audio"]), prompt)
             for item, prompt in zip(items, prompts)
