@@ -31,7 +31,7 @@ GENERATION_SETTINGS = {"do_sample": False, "num_beams": 1, "max_new_tokens": 256
 class EvalTask:
     """
     One benchmark. `prompt` is a `str.format` template over the item's fields plus `{options}` (the choices as
-    "(A) first\\n(B) second"); `reader` names a function of `readers.READERS`, called with `reader_options`;
+    "(A) first\\n(B) second") and `{options_inline}` ("(A) first (B) second"); `reader` names a function of `readers.READERS`, called with `reader_options`;
     `scorer` names a function of `scoring.SCORERS`. `download` and `data_hint` feed the README table and `--help`.
     """
 
@@ -52,7 +52,9 @@ class EvalTask:
         template = self.prompt if template is None else template
         fields = dict(item)
         if "choices" in item:
-            fields["options"] = "\n".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(item["choices"]))
+            lettered = [f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(item["choices"])]
+            fields["options"] = "\n".join(lettered)
+            fields["options_inline"] = " ".join(lettered)  # one line, as AF3's multiple-choice instruction has them
         try:
             return template.format(**fields)
         except KeyError as error:
