@@ -7,6 +7,7 @@ import functools
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 
@@ -122,6 +123,51 @@ class AudioFlamingo2Family(ModelFamily):
         batch["input_features"] = padded
         batch["input_features_mask"] = mask
         return batch
+
+    def clip_state(self, model, clip: EncodedAudio) -> dict:
+        """
+        The audio keys/values of every cross-attention layer, as the model stores them in its cache on the forward
+        that brings the audio: one forward over the prompt's first token (`<audio>`) with the clip, of which only
+        the audio part of the cache is kept.
+        """
+        from ..compat import CACHE_KWARG
+        from ..modeling import AudioFlamingo2Cache
+
+        device = model.device
+        windows = clip.features["input_features"]
+        cache = AudioFlamingo2Cache(config=model.config.get_text_config(decoder=True))
+        with torch.inference_mode():
+            model(
+                input_ids=torch.tensor([[self.processor.audio_token_id]], device=device),
+                input_features=windows[None].to(device, model.dtype),
+                input_features_mask=torch.ones(1, windows.shape[0], dtype=torch.long, device=device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{CACHE_KWARG: cache},
+            )
+        return dict(cache.audio_states)
+
+    def question_inputs(self, model, question: str, clip: EncodedAudio, state: dict) -> dict:
+        """The prompt's ids and a fresh generation cache that already holds the clip's audio keys/values."""
+        return self.cached_inputs(model, self.processor(text=[question], return_tensors="pt"), state)
+
+    def cached_inputs(self, model, prompt, state: dict) -> dict:
+        """`prompt`'s `input_ids` / `attention_mask` with a fresh generation cache holding the clip's audio states
+        (also for the SoundCoT repair pass, whose prompt is ready-made)."""
+        from ..compat import CACHE_KWARG
+        from ..modeling import AudioFlamingo2Cache
+
+        cache = AudioFlamingo2Cache(config=model.config.get_text_config(decoder=True))
+        for layer_idx, states in state.items():
+            cache.set_audio_states(layer_idx, *states)
+        return {
+            "input_ids": prompt["input_ids"].to(model.device),
+            "attention_mask": prompt["attention_mask"].to(model.device),
+            CACHE_KWARG: cache,
+        }
+
+    def spectrogram(self, clip: EncodedAudio) -> np.ndarray:
+        return clip.features["input_features"].float().numpy()
 
     def stop_kwargs(self, model) -> dict:
         # The original's evaluation stops at the tokenizer's eos.

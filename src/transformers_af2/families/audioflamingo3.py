@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 
@@ -142,6 +143,9 @@ class AudioFlamingo3Family(ModelFamily):
         batch = batch.to(model.device)
         batch["input_features"] = batch["input_features"].to(model.dtype)
         return batch
+
+    def spectrogram(self, clip: EncodedAudio) -> np.ndarray:
+        return clip.features["input_features"].transpose(1, 2).float().numpy()
 
     # -- answers ---------------------------------------------------------------------------------------------------
     def stop_kwargs(self, model) -> dict:

@@ -126,6 +126,20 @@ class ModelFamily:
         """The batch on the model's device (and, where the family needs it, in its dtype)."""
         return batch.to(model.device)
 
+    # -- one clip, many questions (the demo) --------------------------------------------------------------------------
+    def clip_state(self, model, clip: EncodedAudio):
+        """What the model itself can compute once per clip and reuse for every question about it (None: nothing
+        beyond the clip's features)."""
+        return None
+
+    def question_inputs(self, model, question: str, clip: EncodedAudio, state) -> dict:
+        """The `generate` arguments for one question about `clip` (with `state` from `clip_state`)."""
+        return dict(self.to_model(self.batch_inputs([question], [clip]), model))
+
+    def spectrogram(self, clip: EncodedAudio) -> np.ndarray:
+        """The clip's log-mel windows as the model reads them, (windows, frames, mels), for pictures."""
+        raise NotImplementedError
+
     # -- answers ---------------------------------------------------------------------------------------------------
     def stop_kwargs(self, model) -> dict:
         """The `eos_token_id` / `pad_token_id` arguments of `generate` for this family."""
