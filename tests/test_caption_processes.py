@@ -36,10 +36,10 @@ def _caption_args(model_repo, inputs, output, *extra):
 
 
 @pytest.fixture(scope="module", params=["af2", "af3"])
-def model_repo(request, tmp_path_factory):
+def model_repo(request, converted_fixture, tmp_path_factory):
     """A checkpoint folder of each family `af2 caption` detects from its config.json."""
     if request.param == "af2":
-        return request.getfixturevalue("converted_fixture").repo
+        return converted_fixture.repo
     return save_tiny_checkpoint(tmp_path_factory.mktemp("af3"), "audioflamingo3")
 
 

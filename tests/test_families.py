@@ -61,7 +61,7 @@ def clips(tmp_path_factory):
     return [_noise(folder / f"clip{i}.wav", seconds, seed=i) for i, seconds in enumerate(CLIP_SECONDS)]
 
 
-def _reference_answer(model, processor, question, path):
+def _reference_answer(model, processor, question, path, max_new_tokens=NEW_TOKENS):
     """One clip at a time with transformers' own chat template, processor and generate (no family code)."""
     waveform, rate = sf.read(path, dtype="float32")
     waveform = waveform[: MAX_AUDIO_SECONDS * rate]
@@ -69,7 +69,7 @@ def _reference_answer(model, processor, question, path):
     text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[text], audio=[waveform])
     with torch.inference_mode():
-        generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = generated[0, inputs["input_ids"].shape[1] :].tolist()
     if IM_END_ID in new_tokens:
         new_tokens = new_tokens[: new_tokens.index(IM_END_ID)]
@@ -197,3 +197,40 @@ def test_eval_mmau_with_af3_prompt(tmp_path, capsys):
     hits = sum(mmau_string_match(r["answer"], r["prediction"], r["choices"]) for r in rows)
     assert results["metrics"]["accuracy"] == pytest.approx(100.0 * hits / len(rows))
     assert results["metrics"]["count"] == 3
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_af2_train_refuses_other_families_naming_what_is_missing(model_type, tmp_path, capsys):
+    folder = save_tiny_checkpoint(tmp_path / model_type, model_type)
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text(json.dumps({"path": "clip.wav", "prompt": "Describe the audio.", "output": "rain"}) + "\n")
+    argv = ["train", "--model", str(folder), "--train-file", str(train_file), "--output-dir", str(tmp_path / "out")]
+    assert cli.main([*argv, "--report-to", "none", "--use-cpu"]) == 2  # the command line's usage-error status
+    error = capsys.readouterr().err
+    name = {"audioflamingo3": "Audio Flamingo 3", "musicflamingo": "Music Flamingo"}[model_type]
+    assert f"--model {folder} is {name}: af2 train's data reader, collator" in error
+    assert "output_labels=True" in error
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # refused before any work
+
+
+def test_answer_requests_groups_a_servers_queue_and_keeps_each_answer(tiny, clips):
+    """A server's queue with mixed settings and audio forms: every answer equals its one-at-a-time answer."""
+    from transformers_af2.families import answer_requests
+
+    _, model, processor = tiny
+    waveform, rate = sf.read(clips[2], dtype="float32")
+    requests = [
+        ("Describe the audio.", str(clips[0]), {"max_new_tokens": NEW_TOKENS, "do_sample": False}),
+        ("What is the sound?", (waveform, rate), {"max_new_tokens": NEW_TOKENS, "do_sample": False}),
+        ("Name it.", str(clips[1]), {"max_new_tokens": 3, "do_sample": False}),
+        ("What is the sound?", str(clips[3]), {"max_new_tokens": NEW_TOKENS, "do_sample": False}),
+    ]
+    answers = answer_requests(model, processor, requests, batch_size=2)
+    expected = [
+        _reference_answer(model, processor, requests[0][0], clips[0])[0],
+        _reference_answer(model, processor, requests[1][0], clips[2])[0],
+        _reference_answer(model, processor, requests[2][0], clips[1], max_new_tokens=3)[0],
+        _reference_answer(model, processor, requests[3][0], clips[3])[0],
+    ]
+    assert answers == expected
+    assert answers[2] != _reference_answer(model, processor, requests[2][0], clips[1])[0]  # its own, shorter limit

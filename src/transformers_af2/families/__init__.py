@@ -5,6 +5,7 @@ The model families the shared commands run: Audio Flamingo 2, Audio Flamingo 3 a
     model, processor = load_model_and_processor("nvidia/audio-flamingo-3-hf")
     family = family_for(model, processor)
     answers = family.answer(model, ["What is this sound?"], ["clip.wav"], {"max_new_tokens": 64})
+    answers = answer_requests(model, processor, [("What is this sound?", "clip.wav", {"max_new_tokens": 64})])
 
 A checkpoint's family is read from its `config.json` alone (no weights loaded); original-layout AF2 checkpoints,
 which have none, are AF2. Adding a family is one subclass with `model_types`, passed to `register`.
@@ -81,6 +82,29 @@ def load_model_and_processor(model_id: str, device=None, dtype=None, original_co
     return model, processor
 
 
+def answer_requests(model, processor, requests, batch_size: int = 8) -> list[str]:
+    """
+    Answers for a server's queue: `requests` is a list of `(question, audio, settings)` (audio: a path, encoded bytes,
+    or `(waveform, sampling_rate)`; settings: `generate` arguments such as `max_new_tokens`, `do_sample`). Requests
+    with equal settings and sampling rate are generated together, `batch_size` at a time, through the model's family;
+    each answer equals the request's one-at-a-time answer under greedy decoding. Answers come back in request order.
+    """
+    family = family_for(model, processor)
+    groups: dict[tuple, list[int]] = {}
+    for index, (_, audio, settings) in enumerate(requests):
+        rate = audio[1] if isinstance(audio, tuple) else None
+        groups.setdefault((rate, tuple(sorted(settings.items()))), []).append(index)
+    answers: list[str | None] = [None] * len(requests)
+    for (rate, settings), indices in groups.items():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            questions = [requests[i][0] for i in chunk]
+            audios = [requests[i][1][0] if rate is not None else requests[i][1] for i in chunk]
+            for index, answer in zip(chunk, family.answer(model, questions, audios, dict(settings), rate)):
+                answers[index] = answer
+    return answers
+
+
 __all__ = [
     "FAMILIES",
     "AudioFlamingo2Family",
@@ -89,6 +113,7 @@ __all__ = [
     "EvalPrompt",
     "ModelFamily",
     "MusicFlamingoFamily",
+    "answer_requests",
     "decode_mono",
     "detect_family",
     "family_class",

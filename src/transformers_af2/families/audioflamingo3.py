@@ -59,6 +59,13 @@ class AudioFlamingo3Family(ModelFamily):
     display_name = "Audio Flamingo 3"
     short_name = "AF3"
     eval_prompts = {"mmau": AF3_MMAU_PROMPT}
+    training_unsupported = (
+        "af2 train's data reader, collator, training stages and LoRA targets are AF2's (windows of its own front "
+        "end, <audio>/<SEP> labels, cross-attention layers). Fine-tuning this family needs a collator built on its "
+        "processor's chat template with output_labels=True (which masks the audio tokens and padding), a reader "
+        "producing 16 kHz waveforms, and LoRA targets for its Qwen2 language model: not implemented yet. Meanwhile "
+        "transformers' Trainer with the processor's output_labels=True batches and peft's LoRA fine-tune it."
+    )
 
     @classmethod
     def model_class(cls):
