@@ -234,3 +234,12 @@ def test_answer_requests_groups_a_servers_queue_and_keeps_each_answer(tiny, clip
     ]
     assert answers == expected
     assert answers[2] != _reference_answer(model, processor, requests[2][0], clips[1])[0]  # its own, shorter limit
+
+
+def test_af2_generate_points_other_families_to_the_commands_that_take_them(tmp_path, capsys):
+    folder = tmp_path / "mf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "musicflamingo"}))  # refused before any weights
+    clip = _noise(tmp_path / "clip.wav", 1.0, seed=0)
+    assert cli.main(["generate", "--model", str(folder), "--audio", str(clip), "--prompt", "What is it?"]) == 2
+    assert f"--model {folder} is Music Flamingo; af2 generate runs AF2's pipeline" in capsys.readouterr().err

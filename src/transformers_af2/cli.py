@@ -394,6 +394,7 @@ def _report(index: int, several: bool, audio: str, error: BaseException | str) -
 def _run_generate(args) -> int:
     from transformers import pipeline, set_seed
 
+    from .families import detect_family
     from .pipelines import TASK
 
     pairs = _pair_inputs(args.audio, args.prompt)
@@ -410,6 +411,12 @@ def _run_generate(args) -> int:
             errors[index] = _report(index, several, audio, problem)
     todo = [index for index in range(len(pairs)) if index not in errors]
     answers: dict[int, dict] = {}
+    family = detect_family(args.model) if todo else None
+    if family is not None and not family.has_af2_pipeline:
+        raise ValueError(
+            f"--model {args.model} is {family.display_name}; af2 generate runs AF2's pipeline. Ask it with af2 caption "
+            "(one file works too), af2 demo, or transformers' own processor and generate."
+        )
     if todo:
         if args.seed is not None:
             set_seed(args.seed)

@@ -178,7 +178,8 @@ def caption(
 # ---------------------------------------------------------------------------------------------------------------------
 
 DESCRIPTION = """\
-Answer one or more prompts about many audio clips with Audio Flamingo 2 and write one row per (clip, prompt).
+Answer one or more prompts about many audio clips with Audio Flamingo 2, Audio Flamingo 3 or Music Flamingo (the
+family is read from the model's config.json) and write one row per (clip, prompt).
 
 INPUT is any mix of: audio files; folders (searched recursively by --extensions); .txt/.lst lists of paths (one per
 line, relative to the list's folder); CSV/TSV/JSONL/Parquet manifests with a path column (path, audio_path, audio,
@@ -188,8 +189,8 @@ source (--split, --audio-column).
 
 OUT is JSONL, or Parquet / CSV by extension. Row fields: id (stable: a hash of clip id and prompt), clip_id (the
 manifest id, the path, or DATASET[SPLIT]#INDEX), path, index (row of the dataset or manifest), prompt, answer,
-windows (10 s windows read), seconds_dropped (audio past the last window), tokens (generated, eos included),
-stop_reason (eos or length). Next to OUT: OUT.meta.json (model, revision, dtype, generation settings, package
+windows (windows read: AF2 10 s, AF3 / Music Flamingo 30 s), seconds_dropped (audio past the last window), tokens
+(generated, eos included), stop_reason (eos or length). Next to OUT: OUT.meta.json (model, revision, dtype, generation settings, package
 versions; another run into OUT with other settings is an error), OUT.errors.jsonl (clips that could not be read,
 with the reason; the run goes on) and OUT.parts/ (the rows, appended and fsync'ed per batch).
 

@@ -20,6 +20,7 @@ class AudioFlamingo2Family(ModelFamily):
     short_name = "AF2"
     per_clip_loggers = ("transformers_af2.processing.feature_extraction_audioflamingo2",)
     supports_soundcot_repair = True
+    has_af2_pipeline = True
     # AF2's own prompts are the tasks' (evaluation.tasks documents where each comes from).
     eval_prompts = {}
 

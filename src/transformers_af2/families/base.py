@@ -64,6 +64,8 @@ class ModelFamily:
     eval_prompts: ClassVar[dict[str, EvalPrompt]] = {}
     # True when the answers follow AF2-SoundCoT's <REASONING>/<CONCLUSION> form and its repair pass applies.
     supports_soundcot_repair: ClassVar[bool] = False
+    # True for AF2 alone: this package's pipeline (`af2 generate`, `pipeline("audio-text-to-text")`) is AF2's.
+    has_af2_pipeline: ClassVar[bool] = False
     # Why `af2 train` cannot fine-tune this family yet (None: it can), said to the user as the refusal.
     training_unsupported: ClassVar[str | None] = None
 
