@@ -65,9 +65,9 @@ def tiny_processor(model_type: str = "audioflamingo3"):
     )
 
 
-def tiny_config(model_type: str = "audioflamingo3"):
+def tiny_config(model_type: str = "audioflamingo3", audio: dict | None = None, text: dict | None = None):
     """Small audio encoder (the real 128 mel bins and 1500 positions: a 30 s window) and a 2-layer Qwen2; the text
-    config's `layer_types` left out so it has one entry per layer."""
+    config's `layer_types` left out so it has one entry per layer. `audio` / `text` override sub-config values."""
     from transformers import AudioFlamingo3Config, MusicFlamingoConfig
 
     audio_config = dict(
@@ -92,6 +92,8 @@ def tiny_config(model_type: str = "audioflamingo3"):
         eos_token_id=IM_END_ID,
         pad_token_id=PAD_ID,
     )
+    audio_config.update(audio or {})
+    text_config.update(text or {})
     if model_type == "audioflamingo3":
         return AudioFlamingo3Config(audio_config=audio_config, text_config=text_config, audio_token_id=SOUND_ID)
     return MusicFlamingoConfig(

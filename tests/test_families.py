@@ -222,7 +222,11 @@ def test_answer_requests_groups_a_servers_queue_and_keeps_each_answer(tiny, clip
     requests = [
         ("Describe the audio.", str(clips[0]), {"max_new_tokens": NEW_TOKENS, "do_sample": False}),
         ("What is the sound?", (waveform, rate), {"max_new_tokens": NEW_TOKENS, "do_sample": False}),
-        ("Name it.", str(clips[1]), {"max_new_tokens": 3, "do_sample": False}),
+        (
+            "Name it.",
+            family_for(model, processor).encode_audio(str(clips[1])),
+            {"max_new_tokens": 3, "do_sample": False},
+        ),
         ("What is the sound?", str(clips[3]), {"max_new_tokens": NEW_TOKENS, "do_sample": False}),
     ]
     answers = answer_requests(model, processor, requests, batch_size=2)
@@ -234,6 +238,8 @@ def test_answer_requests_groups_a_servers_queue_and_keeps_each_answer(tiny, clip
     ]
     assert answers == expected
     assert answers[2] != _reference_answer(model, processor, requests[2][0], clips[1])[0]  # its own, shorter limit
+    with pytest.raises(ValueError, match="cannot decode this audio"):  # what a server answers with 400
+        family_for(model, processor).encode_audio(b"RIFF not a wav")
 
 
 def test_af2_generate_points_other_families_to_the_commands_that_take_them(tmp_path, capsys):

@@ -85,7 +85,9 @@ def load_model_and_processor(model_id: str, device=None, dtype=None, original_co
 def answer_requests(model, processor, requests, batch_size: int = 8) -> list[str]:
     """
     Answers for a server's queue: `requests` is a list of `(question, audio, settings)` (audio: a path, encoded bytes,
-    or `(waveform, sampling_rate)`; settings: `generate` arguments such as `max_new_tokens`, `do_sample`). Requests
+    `(waveform, sampling_rate)`, or the `EncodedAudio` of `family.encode_audio`, which a server can compute when it
+    admits a request so that unreadable audio is refused then; settings: `generate` arguments such as
+    `max_new_tokens`, `do_sample`). Requests
     with equal settings and sampling rate are generated together, `batch_size` at a time, through the model's family;
     each answer equals the request's one-at-a-time answer under greedy decoding. Answers come back in request order.
     """

@@ -123,8 +123,10 @@ class ModelFamily:
         raise NotImplementedError
 
     def inputs(self, questions: Sequence[str], audios: Sequence, sampling_rate: int | None = None):
-        """`batch_inputs` from raw audio (see `encode_audio`)."""
-        return self.batch_inputs(questions, [self.encode_audio(audio, sampling_rate) for audio in audios])
+        """`batch_inputs` from raw audio (see `encode_audio`) or clips already encoded (`EncodedAudio`, e.g. by a
+        server when it admitted the request)."""
+        clips = [a if isinstance(a, EncodedAudio) else self.encode_audio(a, sampling_rate) for a in audios]
+        return self.batch_inputs(questions, clips)
 
     def to_model(self, batch, model):
         """The batch on the model's device (and, where the family needs it, in its dtype)."""
