@@ -170,7 +170,8 @@ def test_questions_holding_the_audio_token_are_refused(tiny):
         family_for(model, processor).check_questions(["fine", "<sound> twice"])
 
 
-def test_eval_mmau_with_af3_prompt(tmp_path, capsys):
+@pytest.mark.parametrize("engine", ["loop", "caption"])
+def test_eval_mmau_with_af3_prompt(engine, tmp_path, capsys):
     """`af2 eval --task mmau` on a tiny AF3 folder: AF3's published multiple-choice instruction, recorded; the
     predictions equal one-at-a-time generation; the MMAU scorer counts them."""
     from test_eval_tasks import build_mmau
@@ -179,7 +180,8 @@ def test_eval_mmau_with_af3_prompt(tmp_path, capsys):
     data, _, ids = build_mmau(tmp_path / "data")
     out = tmp_path / "out"
     argv = ["eval", "--task", "mmau", "--data", str(data), "--model", str(folder), "--output", str(out)]
-    argv += ["--max-new-tokens", str(NEW_TOKENS), "--device", "cpu", "--batch-size", "2", "--engine", "loop"]
+    argv += ["--max-new-tokens", str(NEW_TOKENS), "--device", "cpu", "--batch-size", "2", "--engine", engine]
+    argv += ["--num-workers", "0"] if engine == "caption" else []
     assert cli.main(argv) == 0
     capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
