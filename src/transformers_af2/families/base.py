@@ -13,7 +13,7 @@ import io
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -37,13 +37,13 @@ class EncodedAudio:
     windows: int
     seconds: float | None
     seconds_dropped: float
-    extras: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class EvalPrompt:
     """A benchmark prompt as a family's authors publish it: a `str.format` template over the task's item fields
-    (see `evaluation.tasks.EvalTask.build_prompt`) and where it comes from (recorded with the results)."""
+    (see `evaluation.tasks.EvalTask.build_prompt`; `af2 eval` records it as the run's `prompt_template`) and where
+    it comes from."""
 
     template: str
     source: str
