@@ -115,10 +115,60 @@ def agreement(first: list[list[str]], second: list[list[str]]) -> dict:
     return {"token_agreement": same / max(total, 1), "identical_answers": identical / max(len(first), 1)}
 
 
-def child(args) -> None:
-    """One dtype: one at a time, then af2 caption, in this process; prints a JSON line."""
+def suppress_control_tokens(model) -> None:
+    """A random AF2 with tied embeddings tends to repeat its last input token, `<SEP>`, which hides the answer (the
+    text after the last `<SEP>`): its generation config suppresses AF2's control tokens. Both timed paths read this
+    generation config, so they stay comparable."""
+    config = model.config
+    model.generation_config.suppress_tokens = [
+        config.audio_token_id,
+        config.sep_token_id,
+        config.pad_token_id,
+        config.end_of_chunk_token_id,
+    ]
+
+
+def caption_rows(clip_dir, model, processor, new_tokens: int, batch_size: int, num_workers: int) -> dict[str, dict]:
+    """`caption()` over every clip of `clip_dir` with PROMPT, into a temporary file: its rows by file name."""
     from transformers_af2.caption import caption
 
+    with tempfile.TemporaryDirectory() as out:
+        output = Path(out) / "captions.jsonl"
+        summary = caption(
+            [clip_dir],
+            output,
+            prompts=[PROMPT],
+            model=model,
+            processor=processor,
+            max_new_tokens=new_tokens,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=False,
+        )
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert summary.done == len(rows) and not summary.failed, summary
+    return {Path(row["path"]).name: row for row in rows}
+
+
+def time_paths(paths, label: str, clip_count: int) -> dict:
+    """Runs each `(name, fn)` of `paths` once, timed (fn returns one answer per clip): seconds, clips per hour, the
+    cores other processes kept busy meanwhile, and the answers as tokens, by name."""
+    results = {}
+    for name, fn in paths:
+        log(f"{label}: {name} over {clip_count} clips")
+        elapsed, others, answers = timed(fn, torch.device("cpu"))
+        results[name] = {
+            "seconds": elapsed,
+            "clips_per_hour": clip_count * 3600 / elapsed,
+            "others_cores": others,
+            "answers": [answer_tokens(a) for a in answers],
+        }
+        log(f"{label}: {name} {elapsed:.1f} s (others kept {others:.2f} cores busy)")
+    return results
+
+
+def child(args) -> None:
+    """One dtype: one at a time, then af2 caption, in this process; prints a JSON line."""
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.child)
     model = build_random_model(args.shape, dtype, torch.device("cpu"))
@@ -127,15 +177,7 @@ def child(args) -> None:
 
         enable_fast_cpu_linears(model)
     model.generation_config.max_new_tokens = args.new_tokens
-    # A random model with tied embeddings tends to repeat its last input token, `<SEP>`, which hides the answer
-    # (the text after the last `<SEP>`). Both paths read this generation config, so they stay comparable.
-    config = model.config
-    model.generation_config.suppress_tokens = [
-        config.audio_token_id,
-        config.sep_token_id,
-        config.pad_token_id,
-        config.end_of_chunk_token_id,
-    ]
+    suppress_control_tokens(model)
     processor = word_level_processor(model.config)
     clips = sorted(Path(args.clip_dir).glob("*.wav"))
     reset_peak_rss()
@@ -151,36 +193,11 @@ def child(args) -> None:
         return answers
 
     def af2_caption():
-        with tempfile.TemporaryDirectory() as out:
-            output = Path(out) / "captions.jsonl"
-            summary = caption(
-                [args.clip_dir],
-                output,
-                prompts=[PROMPT],
-                model=model,
-                processor=processor,
-                max_new_tokens=args.new_tokens,
-                batch_size=args.batch_size,
-                num_workers=args.num_workers,
-                progress=False,
-            )
-            assert summary.done == len(clips), summary
-            rows = [json.loads(line) for line in output.read_text().splitlines()]
-        by_path = {Path(row["path"]).name: row["answer"] for row in rows}
-        return [by_path[path.name] for path in clips]
+        rows = caption_rows(args.clip_dir, model, processor, args.new_tokens, args.batch_size, args.num_workers)
+        return [rows[path.name]["answer"] for path in clips]
 
-    results = {}
     order = [("one_at_a_time", one_at_a_time), ("caption", af2_caption)]
-    for name, fn in order if not args.caption_first else order[::-1]:
-        log(f"{args.child}: {name} over {len(clips)} clips")
-        elapsed, others, answers = timed(fn, torch.device("cpu"))
-        results[name] = {
-            "seconds": elapsed,
-            "clips_per_hour": len(clips) * 3600 / elapsed,
-            "others_cores": others,
-            "answers": [answer_tokens(a) for a in answers],
-        }
-        log(f"{args.child}: {name} {elapsed:.1f} s (others kept {others:.2f} cores busy)")
+    results = time_paths(order if not args.caption_first else order[::-1], args.child, len(clips))
     results["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(results))
 

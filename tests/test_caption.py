@@ -81,10 +81,11 @@ def test_rows_equal_one_at_a_time_generate(loaded, mixed_clips, tmp_path):
 def test_batch_inputs_equal_the_processors(loaded, mixed_clips):
     _, model, processor = loaded
     clips = discover_clips([str(p) for p in mixed_clips])
-    reader = ClipReader(clips, processor.feature_extractor)
+    generator = BatchGenerator(model, processor, {})
+    reader = ClipReader(clips, generator.family)
     read = [reader[i] for i in range(len(clips))]
     prompts = ["a", "What is the Sound in this audio?  ", PROMPT]
-    batch = BatchGenerator(model, processor, {}).inputs(prompts, [item["input_features"] for item in read])
+    batch = generator.inputs(prompts, [item["clip"] for item in read])
     expected = processor(text=prompts, audio=[str(p) for p in mixed_clips])
     assert set(batch) == set(expected)
     for key in expected:

@@ -1,5 +1,6 @@
 """`af2 caption` as real processes: a run killed with SIGKILL mid-way and resumed has every row exactly once; two
-processes under torchrun (gloo, CPU), resuming a one-process run, give the rows of a one-process run."""
+processes under torchrun (gloo, CPU), resuming a one-process run, give the rows of a one-process run. Each runs with
+AF2 (the converted parity fixture) and with a tiny random Audio Flamingo 3 checkpoint saved to a folder."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import free_port
+from families_fixtures import save_tiny_checkpoint
 
 from transformers_af2 import cli
 
@@ -33,6 +35,14 @@ def _caption_args(model_repo, inputs, output, *extra):
             "--max-new-tokens", "2", "--device", "cpu", *extra]  # fmt: skip
 
 
+@pytest.fixture(scope="module", params=["af2", "af3"])
+def model_repo(request, converted_fixture, tmp_path_factory):
+    """A checkpoint folder of each family `af2 caption` detects from its config.json."""
+    if request.param == "af2":
+        return converted_fixture.repo
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("af3"), "audioflamingo3")
+
+
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     """A few hundred short noise clips (0.5-1.5 s, one window each) in nested folders."""
@@ -50,9 +60,9 @@ def _complete_lines(folder: Path) -> int:
     return sum(path.read_bytes().count(b"\n") for path in folder.glob("rows-*.jsonl")) if folder.is_dir() else 0
 
 
-def test_killed_run_resumes_with_every_row_once(converted_fixture, clip_folder, tmp_path, capsys):
+def test_killed_run_resumes_with_every_row_once(model_repo, clip_folder, tmp_path, capsys):
     out = tmp_path / "captions.jsonl"
-    argv = _caption_args(converted_fixture.repo, [clip_folder], out, "--batch-size", "8", "--lookahead", "8")
+    argv = _caption_args(model_repo, [clip_folder], out, "--batch-size", "8", "--lookahead", "8")
     process = subprocess.Popen([sys.executable, "-m", "transformers_af2", *argv], env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     parts = Path(f"{out}.parts")
@@ -86,14 +96,14 @@ def test_killed_run_resumes_with_every_row_once(converted_fixture, clip_folder, 
     assert sorted(p.name for p in parts.iterdir()) == ["errors-merged.jsonl", "rows-merged.jsonl"]
 
 
-def test_two_processes_resume_a_one_process_run_and_equal_it(converted_fixture, clip_folder, tmp_path, capsys):
+def test_two_processes_resume_a_one_process_run_and_equal_it(model_repo, clip_folder, tmp_path, capsys):
     clips = sorted(clip_folder.rglob("*.wav"))[:24]
     all_list, first_list = tmp_path / "all.txt", tmp_path / "first.txt"
     all_list.write_text("".join(f"{p}\n" for p in clips))
     first_list.write_text("".join(f"{p}\n" for p in clips[:8]))
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    assert cli.main(_caption_args(converted_fixture.repo, [all_list], one, "--num-workers", "0")) == 0
-    assert cli.main(_caption_args(converted_fixture.repo, [first_list], two, "--num-workers", "0")) == 0
+    assert cli.main(_caption_args(model_repo, [all_list], one, "--num-workers", "0")) == 0
+    assert cli.main(_caption_args(model_repo, [first_list], two, "--num-workers", "0")) == 0
     capsys.readouterr()
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -101,7 +111,7 @@ def test_two_processes_resume_a_one_process_run_and_equal_it(converted_fixture, 
     result = subprocess.run(
         [
             *launcher,
-            *_caption_args(converted_fixture.repo, [all_list], two, "--batch-size", "4", "--num-workers", "1"),
+            *_caption_args(model_repo, [all_list], two, "--batch-size", "4", "--num-workers", "1"),
         ],
         env=_env(),
         capture_output=True,

@@ -341,32 +341,16 @@ def _resolve_device(name: str):
 
 def load_model_and_processor(model_id: str, device=None, dtype=None, original_config: str | None = None):
     """
-    `(model, processor)` for a converted repository (local or hub) or an original-layout checkpoint (hub id or
-    directory; converted on first use and cached, see `transformers_af2.hub_ids`). `original_config` is the original
-    inference YAML, for original-layout directories that lack one. The model keeps its plain `nn.Linear` layers
-    (the opt-in CPU kernels of `transformers_af2.modeling.cpu_linear` were measured slower for decoding).
+    `(model, processor)` of any supported family (see `transformers_af2.families`): an AF2 converted repository
+    (local or hub) or original-layout checkpoint (hub id or directory; converted on first use and cached, see
+    `transformers_af2.hub_ids`), Audio Flamingo 3 or Music Flamingo; the family comes from `config.json`.
+    `original_config` is the original AF2 inference YAML, for original-layout directories that lack one. AF2 keeps
+    its plain `nn.Linear` layers (the opt-in CPU kernels of `transformers_af2.modeling.cpu_linear` were measured
+    slower for decoding).
     """
-    from transformers import AutoProcessor
+    from .families import load_model_and_processor as load_any_family
 
-    from .convert import cached_conversion, is_original_layout
-    from .modeling import AudioFlamingo2ForConditionalGeneration
-
-    looks_local = os.path.isabs(model_id) or model_id.startswith((".", "~")) or os.path.exists(model_id)
-    if looks_local and not os.path.isdir(os.path.expanduser(model_id)):
-        raise FileNotFoundError(f"model {model_id}: no such directory.")
-    model_id = os.path.expanduser(model_id)
-    if original_config is not None:
-        if not is_original_layout(model_id):
-            raise ValueError(
-                f"original_config (--config) is for checkpoints in the original layout; {model_id} is not one."
-            )
-        model_id = str(cached_conversion(model_id, config=original_config))
-    # An original-layout id is converted (once, cached) by these calls themselves: see transformers_af2.hub_ids.
-    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(model_id)
-    if device is not None:
-        model.to(device)
-    return model.eval(), processor
+    return load_any_family(model_id, device=device, dtype=dtype, original_config=original_config)
 
 
 def _pair_inputs(audios: list[str], prompts: list[str]) -> list[tuple[str, str]]:
@@ -410,6 +394,7 @@ def _report(index: int, several: bool, audio: str, error: BaseException | str) -
 def _run_generate(args) -> int:
     from transformers import pipeline, set_seed
 
+    from .families import detect_family
     from .pipelines import TASK
 
     pairs = _pair_inputs(args.audio, args.prompt)
@@ -426,6 +411,12 @@ def _run_generate(args) -> int:
             errors[index] = _report(index, several, audio, problem)
     todo = [index for index in range(len(pairs)) if index not in errors]
     answers: dict[int, dict] = {}
+    family = detect_family(args.model) if todo else None
+    if family is not None and not family.has_af2_pipeline:
+        raise ValueError(
+            f"--model {args.model} is {family.display_name}; af2 generate runs AF2's pipeline. Ask it with af2 caption "
+            "(one file works too), af2 demo, or transformers' own processor and generate."
+        )
     if todo:
         if args.seed is not None:
             set_seed(args.seed)

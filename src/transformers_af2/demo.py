@@ -1,11 +1,13 @@
 """
-`af2 demo`: a Gradio page to ask Audio Flamingo 2 about a clip (needs the `[demo]` extra: `pip install
+`af2 demo`: a Gradio page to ask a model of the Flamingo family (Audio Flamingo 2, Audio Flamingo 3, Music
+Flamingo; see `transformers_af2.families`) about a clip (needs the `[demo]` extra: `pip install
 transformers-af2[demo]`).
 
-The page uploads or records a clip, shows what AF2 hears of it (the 10 s windows it reads, the seconds it drops),
-and streams the answer to questions about it. A clip is encoded once: its features and the audio keys/values of
-every cross-attention layer are kept (`ClipCache`), so further questions about the same clip only run the language
-model. One model serves every visitor: Gradio's queue runs one model call at a time.
+The page uploads or records a clip, shows what the model hears of it (its windows: AF2 10 s, AF3 / Music Flamingo
+30 s; the seconds past its limit) and streams the answer to questions about it. A clip is encoded once: its features,
+and what the model can compute once per clip (AF2: the audio keys/values of every cross-attention layer), are kept
+(`ClipCache`), so further questions about the same clip redo no audio front end. One model serves every visitor:
+Gradio's queue runs one model call at a time.
 
 `AudioQuestionAnswerer` is the part without a user interface (what the page and its API call), usable on its own.
 """
@@ -26,9 +28,8 @@ import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .caption.engine import source_seconds
 from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P, _one_line, add_device_arguments, add_model_arguments
-from .compat import CACHE_KWARG
+from .families import EncodedAudio, family_for
 from .generation_utils import through_first_eos
 from .soundcot import SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS, soundcot_repair_prefix
 
@@ -52,9 +53,10 @@ DEMO_EXTRA_HINT = "pip install 'transformers-af2[demo]'"
 @dataclass
 class EncodedClip:
     """
-    One clip as AF2 reads it: `input_features` (1, windows, frames, mels) and `input_features_mask` (1, windows) from
-    the processor's front end, and `audio_states`, each cross-attention layer's audio keys/values and token mask as
-    `AudioFlamingo2Cache` holds them, computed once for all questions about the clip.
+    One clip as the model reads it: `audio`, its family's front-end output (`families.EncodedAudio`), and
+    `model_state`, what the model computes once per clip for all questions about it (AF2: each cross-attention
+    layer's audio keys/values and token mask as `AudioFlamingo2Cache` holds them; None for AF3 / Music Flamingo).
+    `spectrogram`: the log-mel windows (windows, frames, mels) for the picture.
     """
 
     key: str
@@ -62,20 +64,21 @@ class EncodedClip:
     num_windows: int
     window_seconds: float
     max_seconds: float
-    input_features: torch.Tensor
-    input_features_mask: torch.Tensor
-    audio_states: dict = field(repr=False)
+    audio: EncodedAudio = field(repr=False)
+    spectrogram: np.ndarray = field(repr=False)
+    model_state: object = field(repr=False, default=None)
     encode_seconds: float = 0.0
+    model_name: str = "the model"  # the family's short name, for the page ("AF2", "AF3", "MF")
 
     @property
     def read_seconds(self) -> float:
-        """Seconds of the file AF2 hears (the rest of the last window is zero padding)."""
+        """Seconds of the file the model hears (the rest of the last window is zero padding)."""
         covered = self.num_windows * self.window_seconds
         return covered if self.duration is None else min(self.duration, covered)
 
     @property
     def dropped_seconds(self) -> float:
-        """Seconds past AF2's limit (`max_num_window` windows): never heard."""
+        """Seconds past the model's limit (its most windows): never heard."""
         return 0.0 if self.duration is None else max(0.0, self.duration - self.max_seconds)
 
 
@@ -118,27 +121,25 @@ def file_digest(path: str | os.PathLike) -> str:
 
 class AudioQuestionAnswerer:
     """
-    Answers questions about audio files with one AF2 model and processor, encoding each clip once.
+    Answers questions about audio files with one model of any supported family and its processor, encoding each
+    clip once.
 
-    `answer_stream(path, question, ...)` yields the answer as it grows; its last value is exactly what
-    `pipeline("audio-text-to-text")` returns for the same audio, question and generation settings. Model calls are
-    serialised by a lock, so one instance can serve several threads.
+    `answer_stream(path, question, ...)` yields the answer as it grows; its last value is the family's answer for
+    the same audio, question and generation settings (for AF2 exactly what `pipeline("audio-text-to-text")`
+    returns). Model calls are serialised by a lock, so one instance can serve several threads.
     """
 
     def __init__(self, model, processor, max_cached_clips: int = 8):
         self.model = model
         self.processor = processor
+        self.family = family_for(model, processor)
         self.clips = ClipCache(max_cached_clips)
         self.encode_count = 0  # clips encoded so far: what the cache saves shows here
         self._model_lock = threading.Lock()
 
-    @property
-    def feature_extractor(self):
-        return self.processor.feature_extractor
-
     def encode(self, path: str | os.PathLike) -> EncodedClip:
-        """The clip at `path`, from the cache or encoded now (front end, audio tower, audio transformer, and the
-        keys/values of every cross-attention layer)."""
+        """The clip at `path`, from the cache or encoded now (the family's front end, then what the model computes
+        once per clip; see `ModelFamily.clip_state`)."""
         if path is None or not os.path.isfile(path):
             raise FileNotFoundError(f"audio {path}: no such file; upload or record a clip first.")
         key = file_digest(path)
@@ -148,60 +149,28 @@ class AudioQuestionAnswerer:
         start = time.perf_counter()
         name = os.path.basename(str(path))
         try:
-            features = self.feature_extractor([str(path)], return_tensors="pt")
+            audio = self.family.encode_audio(str(path))
         except Exception as error:  # the front end names the problem; show the file by its name, not its upload path
-            # One clip per call: the batch position the front end prefixes ("audio[0]: ") says nothing here.
-            message = _one_line(error).replace(str(path), name).removeprefix("audio[0]: ")
+            # One clip per call: the input label the front end prefixes ("audio: ") says nothing here.
+            message = _one_line(error).replace(str(path), name).removeprefix("audio[0]: ").removeprefix("audio: ")
             raise ValueError(message if name in message else f"{name}: {message}") from error
-        duration = source_seconds(path)
         with self._model_lock, torch.inference_mode():
-            device = self.model.device
-            input_features = features["input_features"].to(device, self.model.dtype)
-            input_features_mask = features["input_features_mask"].to(device)
-            audio_states = self._audio_states(input_features, input_features_mask)
+            state = self.family.clip_state(self.model, audio)
         clip = EncodedClip(
             key=key,
-            duration=duration,
-            num_windows=int(input_features_mask.sum()),
-            window_seconds=self.feature_extractor.window_length,
-            max_seconds=self.feature_extractor.window_length * self.feature_extractor.max_num_window,
-            input_features=input_features,
-            input_features_mask=input_features_mask,
-            audio_states=audio_states,
+            duration=audio.seconds,
+            num_windows=audio.windows,
+            window_seconds=self.family.window_seconds,
+            max_seconds=self.family.max_seconds,
+            audio=audio,
+            spectrogram=self.family.spectrogram(audio),
+            model_state=state,
             encode_seconds=time.perf_counter() - start,
+            model_name=self.family.short_name,
         )
         self.encode_count += 1
         self.clips.put(clip)
         return clip
-
-    def _audio_states(self, input_features, input_features_mask) -> dict:
-        """
-        The audio keys/values of every cross-attention layer, as the model stores them in its cache on the forward
-        that brings the audio: one forward over the prompt's first token (`<audio>`) with the clip, of which only
-        the audio part of the cache is kept.
-        """
-        from .modeling import AudioFlamingo2Cache
-
-        cache = AudioFlamingo2Cache(config=self.model.config.get_text_config(decoder=True))
-        audio_token = torch.tensor([[self.processor.audio_token_id]], device=input_features.device)
-        self.model(
-            input_ids=audio_token,
-            input_features=input_features,
-            input_features_mask=input_features_mask,
-            use_cache=True,
-            logits_to_keep=1,
-            **{CACHE_KWARG: cache},
-        )
-        return dict(cache.audio_states)
-
-    def _cache_for(self, clip: EncodedClip):
-        """A fresh generation cache that already holds the clip's audio keys/values (no text yet)."""
-        from .modeling import AudioFlamingo2Cache
-
-        cache = AudioFlamingo2Cache(config=self.model.config.get_text_config(decoder=True))
-        for layer_idx, states in clip.audio_states.items():
-            cache.set_audio_states(layer_idx, *states)
-        return cache
 
     def generate_kwargs(
         self,
@@ -242,16 +211,18 @@ class AudioQuestionAnswerer:
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question is empty; type a question about the clip.")
+        if soundcot_repair and not self.family.supports_soundcot_repair:
+            raise ValueError(f"SoundCoT repair is for AF2-SoundCoT answers; {self.family.display_name} has none.")
         generate_kwargs = {**self.generate_kwargs(**settings), **(extra_generate_kwargs or {})}
         clip = self.encode(path)
-        prompt = self.processor.build_prompt(question)
-        encoded = self.processor(text=[question], return_tensors="pt")
+        self.family.check_questions([question])
         final = None
-        for text, tokens in self._stream(clip, encoded, generate_kwargs, seed):
+        for text, tokens in self._stream(clip, question, generate_kwargs, seed):
             final = tokens
             yield text
-        answer = self.processor.decode_answers([final])[0]
+        answer = self.family.decode_answers([final])[0]
         if soundcot_repair:
+            prompt = self.processor.build_prompt(question)
             prefix = soundcot_repair_prefix(
                 self.processor.decode_answers([final], skip_special_tokens=False, strip=False)[0]
             )
@@ -265,7 +236,7 @@ class AudioQuestionAnswerer:
                 )
                 shown = prefix.lstrip()
                 yield shown
-                for text, tokens in self._stream(clip, repaired, generate_kwargs, seed=None):
+                for text, tokens in self._stream(clip, None, generate_kwargs, seed=None, prompt_ids=repaired):
                     final = tokens
                     yield shown + text
                 answer = (prefix + self.processor.decode_answers([final], strip=False)[0]).strip()
@@ -276,25 +247,25 @@ class AudioQuestionAnswerer:
         *_, answer = self.answer_stream(path, question, **kwargs)
         return answer
 
-    def _stream(self, clip: EncodedClip, encoded, generate_kwargs, seed) -> Iterator[tuple[str, list[int]]]:
-        """Runs `generate` in a thread over the clip's cached audio; yields (text so far, []) after each token, then
-        (text, new token ids up to eos)."""
+    def _stream(
+        self, clip: EncodedClip, question, generate_kwargs, seed, prompt_ids=None
+    ) -> Iterator[tuple[str, list[int]]]:
+        """Runs `generate` in a thread on `question` about the clip (from its cached features and state; or, for the
+        SoundCoT repair pass, on the ready `prompt_ids`); yields (text so far, []) after each token, then (text, new
+        token ids up to eos)."""
         streamer = TokenStreamer(self.processor.tokenizer)
-        device = self.model.device
         result: dict = {}
+        if prompt_ids is None:
+            inputs = self.family.question_inputs(self.model, question, clip.audio, clip.model_state)
+        else:  # SoundCoT's repair pass, AF2 only (see answer_stream)
+            inputs = self.family.cached_inputs(self.model, prompt_ids, clip.model_state)
 
         def run():
             try:
                 with self._model_lock, torch.inference_mode():
                     if seed is not None:
                         torch.manual_seed(int(seed))
-                    result["sequences"] = self.model.generate(
-                        input_ids=encoded["input_ids"].to(device),
-                        attention_mask=encoded["attention_mask"].to(device),
-                        streamer=streamer,
-                        **{CACHE_KWARG: self._cache_for(clip)},
-                        **generate_kwargs,
-                    )
+                    result["sequences"] = self.model.generate(**inputs, streamer=streamer, **generate_kwargs)
             except BaseException as error:  # surfaced in the caller's thread below
                 result["error"] = error
                 streamer.end()
@@ -307,7 +278,7 @@ class AudioQuestionAnswerer:
         worker.join()
         if "error" in result:
             raise result["error"]
-        new_tokens = result["sequences"][0, encoded["input_ids"].shape[1] :].tolist()
+        new_tokens = result["sequences"][0, inputs["input_ids"].shape[1] :].tolist()
         yield text, through_first_eos([new_tokens], self.model.generation_config.eos_token_id)[0]
 
 
@@ -348,7 +319,7 @@ class TokenStreamer(BaseStreamer):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# What AF2 hears: the clip's windows drawn over its waveform and log-mel spectrogram
+# What the model hears: the clip's windows drawn over its waveform and log-mel spectrogram
 # ---------------------------------------------------------------------------------------------------------------------
 
 _IMAGE_WIDTH = 960
@@ -369,7 +340,7 @@ def _ramp(values: np.ndarray) -> np.ndarray:
 
 
 def _waveform_envelope(path, duration: float, columns: int) -> np.ndarray | None:
-    """(columns, 2) min/max of the file's first channel (the channel AF2 reads) per column, or None."""
+    """(columns, 2) min/max of the file's first channel per column, or None."""
     import soundfile
 
     try:
@@ -389,8 +360,9 @@ def _waveform_envelope(path, duration: float, columns: int) -> np.ndarray | None
 
 def render_clip(clip: EncodedClip, path=None) -> np.ndarray:
     """
-    An RGB image (height, width, 3) uint8 of what AF2 hears of `clip`: on top the file's waveform over its whole
-    length, with AF2's windows as alternating tinted bands and the seconds past its limit in red; below, the log-mel
+    An RGB image (height, width, 3) uint8 of what the model hears of `clip`: on top the file's waveform over its
+    whole length, with the model's windows as alternating tinted bands and the seconds past its limit in red; below,
+    the log-mel
     spectrogram of each window the model reads (frequency upwards), the zero padding of the last window dimmed.
     The time axis is the same for both: `max(duration, windows * window length)` seconds across.
     """
@@ -423,7 +395,7 @@ def render_clip(clip: EncodedClip, path=None) -> np.ndarray:
 
     # Spectrogram panel: each window's log-mel, resized to its share of the width.
     spec = image[_WAVE_HEIGHT + 4 :]
-    features = clip.input_features[0, :windows].float().cpu().numpy()  # (windows, frames, mels)
+    features = clip.spectrogram  # (windows, frames, mels)
     low, high = np.percentile(features, 2), np.percentile(features, 99.5)
     scaled = (features - low) / max(high - low, 1e-6)
     rows = np.linspace(features.shape[2] - 1, 0, _SPEC_HEIGHT).round().astype(int)  # low frequencies at the bottom
@@ -444,24 +416,24 @@ def render_clip(clip: EncodedClip, path=None) -> np.ndarray:
 
 
 def describe_clip(clip: EncodedClip) -> str:
-    """A short Markdown account of what AF2 reads of the clip."""
+    """A short Markdown account of what the model reads of the clip."""
     seconds = clip.window_seconds
     lines = []
     length = "unknown length" if clip.duration is None else f"{clip.duration:.1f} s"
     windows = f"{clip.num_windows} window{'s' if clip.num_windows != 1 else ''} of {seconds:g} s"
-    lines.append(f"**Clip:** {length}. **AF2 reads** {windows} (0–{clip.num_windows * seconds:g} s).")
+    lines.append(f"**Clip:** {length}. **{clip.model_name} reads** {windows} (0–{clip.num_windows * seconds:g} s).")
     if clip.duration is not None and clip.duration < clip.num_windows * seconds:
         lines.append(
             f"The last window ends with {clip.num_windows * seconds - clip.duration:.1f} s of silence (padding)."
         )
     if clip.dropped_seconds > 0:
         lines.append(
-            f"**Not heard:** {clip.max_seconds:g}–{clip.duration:.1f} s ({clip.dropped_seconds:.1f} s): AF2 reads at "
-            f"most {clip.max_seconds:g} s."
+            f"**Not heard:** {clip.max_seconds:g}–{clip.duration:.1f} s ({clip.dropped_seconds:.1f} s): "
+            f"{clip.model_name} reads at most {clip.max_seconds:g} s."
         )
     lines.append(
-        "Picture: the waveform with AF2's windows tinted (red: not heard), and the log-mel spectrogram the model "
-        "reads (dimmed: padding)."
+        f"Picture: the waveform with {clip.model_name}'s windows tinted (red: not heard), and the log-mel spectrogram "
+        "the model reads (dimmed: padding)."
     )
     lines.append(f"Encoded once in {clip.encode_seconds:.2f} s; every question about this clip reuses it.")
     return "\n\n".join(lines)
@@ -480,13 +452,16 @@ def _import_gradio():
     return gradio
 
 
-def build_demo(answerer: AudioQuestionAnswerer, title: str = "Audio Flamingo 2", soundcot_default: bool = False):
+def build_demo(answerer: AudioQuestionAnswerer, title: str | None = None, soundcot_default: bool = False):
     """
     The Gradio page (a `gr.Blocks`, queued: one model call at a time). Its API: `/show_clip(audio)` -> (image,
     description) and `/answer(audio, question, decoding, max_new_tokens, top_k, top_p, temperature, seed,
     soundcot_repair)` -> answer (streamed).
     """
     gr = _import_gradio()
+    family = answerer.family
+    title = title or family.display_name
+    short = family.short_name
 
     def show_clip(audio):
         if audio is None:
@@ -518,14 +493,14 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str = "Audio Flamingo 2",
     with gr.Blocks(title=title) as demo:
         gr.Markdown(
             f"# {title}\n"
-            "Upload or record a clip, then ask about it. AF2 hears the clip in 10 s windows (at most 12, the first "
-            "120 s); the picture shows which."
+            f"Upload or record a clip, then ask about it. {short} hears the clip in {family.window_seconds:g} s "
+            f"windows (at most {family.max_windows}, the first {family.max_seconds:g} s); the picture shows which."
         )
         with gr.Row():
             with gr.Column(scale=1):
                 audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio", elem_id="audio")
                 view = gr.Image(
-                    label="What AF2 hears",
+                    label=f"What {short} hears",
                     show_label=False,
                     interactive=False,
                     elem_id="clip-view",
@@ -553,6 +528,7 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str = "Audio Flamingo 2",
                     seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed")
                     soundcot = gr.Checkbox(
                         value=soundcot_default,
+                        visible=family.supports_soundcot_repair,
                         label="SoundCoT repair (AF2-SoundCoT: when the answer reasons without concluding, generate "
                         "the conclusion again)",
                     )
@@ -577,11 +553,11 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str = "Audio Flamingo 2",
 def add_demo_parser(subparsers, formatter_class=argparse.HelpFormatter, default_model: str | None = None) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="a web page to ask AF2 about uploaded or recorded audio (Gradio)",
+        help="a web page to ask AF2, AF3 or Music Flamingo about uploaded or recorded audio (Gradio)",
         formatter_class=formatter_class,
         description=(
-            "Start a Gradio page to ask Audio Flamingo 2 about a clip: upload or record audio, see the windows AF2 "
-            "reads, ask questions and read the answer as it is generated. Needs the [demo] extra "
+            "Start a Gradio page to ask Audio Flamingo 2, Audio Flamingo 3 or Music Flamingo (any checkpoint af2 "
+            "caption takes) about a clip: upload or record audio, see the windows the model reads, ask questions and read the answer as it is generated. Needs the [demo] extra "
             f"({DEMO_EXTRA_HINT}).\n\n"
             "examples:\n"
             "  af2 demo\n"
@@ -617,9 +593,9 @@ def run_demo(args) -> int:
         original_config=args.config,
     )
     answerer = AudioQuestionAnswerer(model, processor, max_cached_clips=args.max_cached_clips)
-    soundcot = "soundcot" in str(args.model).lower()
+    soundcot = answerer.family.supports_soundcot_repair and "soundcot" in str(args.model).lower()
     name = os.path.basename(os.path.normpath(args.model)) if os.path.isdir(args.model) else args.model
-    demo = build_demo(answerer, title=f"Audio Flamingo 2 — {name}", soundcot_default=soundcot)
+    demo = build_demo(answerer, title=f"{answerer.family.display_name} — {name}", soundcot_default=soundcot)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, show_error=True)
     return 0
 

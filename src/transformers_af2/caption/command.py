@@ -17,11 +17,12 @@ DEFAULT_NUM_WORKERS = 2
 def generation_settings(model, max_new_tokens=None, do_sample=False, top_k=None, top_p=None, temperature=None):
     """The `generate` arguments of a run, with the model's defaults filled in so the sidecar says what was used."""
     from ..cli import DEFAULT_TOP_K, DEFAULT_TOP_P
+    from ..families import family_class
 
     if not do_sample and any(v is not None for v in (top_k, top_p, temperature)):
         raise ValueError("top_k, top_p and temperature (--top-k, --top-p, --temperature) apply to sampling only.")
     settings = {
-        "max_new_tokens": max_new_tokens or model.generation_config.max_new_tokens,
+        "max_new_tokens": max_new_tokens or family_class(model.config.model_type).default_max_new_tokens(model),
         "do_sample": bool(do_sample),
         "num_beams": 1,
     }
@@ -157,7 +158,8 @@ def caption(
 # ---------------------------------------------------------------------------------------------------------------------
 
 DESCRIPTION = """\
-Answer one or more prompts about many audio clips with Audio Flamingo 2 and write one row per (clip, prompt).
+Answer one or more prompts about many audio clips with Audio Flamingo 2, Audio Flamingo 3 or Music Flamingo (the
+family is read from the model's config.json) and write one row per (clip, prompt).
 
 INPUT is any mix of: audio files; folders (searched recursively by --extensions); .txt/.lst lists of paths (one per
 line, relative to the list's folder); CSV/TSV/JSONL/Parquet manifests with a path column (path, audio_path, audio,
@@ -167,8 +169,8 @@ source (--split, --audio-column).
 
 OUT is JSONL, or Parquet / CSV by extension. Row fields: id (stable: a hash of clip id and prompt), clip_id (the
 manifest id, the path, or DATASET[SPLIT]#INDEX), path, index (row of the dataset or manifest), prompt, answer,
-windows (10 s windows read), seconds_dropped (audio past the last window), tokens (generated, eos included),
-stop_reason (eos or length). Next to OUT: OUT.meta.json (the run's record: model, weights fingerprint, dtype,
+windows (windows read: AF2 10 s, AF3 / Music Flamingo 30 s), seconds_dropped (audio past the last window), tokens
+(generated, eos included), stop_reason (eos or length). Next to OUT: OUT.meta.json (the run's record: model, weights fingerprint, dtype,
 generation settings, package versions), OUT.lock (held while a run is on), OUT.errors.jsonl (clips that could not
 be read, with the reason; the run goes on) and OUT.parts/ (the rows, appended and fsync'ed per batch).
 

@@ -1,11 +1,12 @@
 """
-The batched, resumable, data-parallel generation engine behind `af2 caption` (and any other command that asks AF2
-questions about many clips).
+The batched, resumable, data-parallel generation engine behind `af2 caption` (and any other command that asks a
+model of the Flamingo family questions about many clips). What differs between families (prompt, front end, answer
+extraction) comes from the model's `families.ModelFamily`; nothing here depends on the family.
 
     jobs = jobs_for_clips(clips, ["Describe the audio."])
     summary = run_generation_jobs(jobs, model, processor, "out.jsonl", settings=..., generate_kwargs=...)
 
-Clips are read (decoded, resampled, turned into log-mel windows by the processor's feature extractor) in DataLoader
+Clips are read (decoded, resampled, turned into log-mel windows by the family's front end) in DataLoader
 worker processes while the model runs. The main process keeps a look-ahead buffer of read clips, sorts it by
 number of windows and generates batches of similar length, then appends the rows of each batch to its own part
 file (see `runstore.RunStore`). Under torchrun or `accelerate launch` every process takes the clips whose id hashes
@@ -16,15 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import soundfile as sf
 import torch
 
+from ..families import EncodedAudio, ModelFamily, family_for, source_seconds
 from ..generation_utils import through_first_eos
 from ..runstore import STRICT_VERSIONS, OutputRefused, Progress, RunStore, package_versions
 from .inputs import Clip, row_id, shard_of
@@ -144,75 +145,54 @@ class ProcessGroup:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def source_seconds(audio) -> float | None:
-    """Duration of an audio input in seconds (from the header for encoded audio), None when unknown."""
-    if isinstance(audio, dict):
-        if audio.get("array") is not None and audio.get("sampling_rate"):
-            return len(audio["array"]) / audio["sampling_rate"]
-        audio = audio.get("bytes") or audio.get("path")
-    if isinstance(audio, (bytes, bytearray)):
-        audio = io.BytesIO(audio)
-    if not isinstance(audio, (str, os.PathLike, io.IOBase)):
-        return None
-    try:
-        info = sf.info(audio)
-    except Exception:  # the feature extractor has read it; a header it cannot give means "unknown", not an error
-        return None
-    return info.frames / info.samplerate if info.samplerate else None
-
-
 class ClipReader(torch.utils.data.Dataset):
     """
-    Clip `i` -> its log-mel windows, computed by the processor's feature extractor, plus the seconds its windows
-    cannot hold. A clip that cannot be read returns its error instead, so that the run goes on.
+    Clip `i` -> its model inputs' per-clip part (`families.EncodedAudio`: windows, features), computed by the model
+    family's front end, plus the seconds its windows cannot hold. A clip that cannot be read returns its error
+    instead, so that the run goes on.
     """
 
-    def __init__(self, clips: list[Clip], feature_extractor):
+    def __init__(self, clips: list[Clip], family: ModelFamily):
         self.clips = clips
-        self.feature_extractor = feature_extractor
+        self.family = family
 
     def __len__(self) -> int:
         return len(self.clips)
 
     def __getitem__(self, position: int) -> dict:
         clip = self.clips[position]
-        extractor = self.feature_extractor
         try:
-            audio = clip.read_audio()
-            features = extractor(audio, return_tensors="pt")
+            encoded = self.family.encode_audio(clip.read_audio())
         except Exception as error:  # any unreadable clip: recorded with its reason, never fatal to the run
             reason = " ".join(str(error).split()) or type(error).__name__
             name = clip.path or clip.clip_id
             # The extractor names the input "audio[0]" and often the path after it: name the clip once.
             reason = reason.replace(f"audio[0]: {clip.audio}: ", "audio[0]: ").replace("audio[0]", name)
             return {"position": position, "error": f"{type(error).__name__}: {reason}"}
-        windows = int(features["input_features_mask"][0].sum())
-        seconds = source_seconds(audio)
-        usable = extractor.max_samples / extractor.sampling_rate
-        dropped = max(0.0, seconds - usable) if seconds is not None else 0.0
         return {
             "position": position,
             "error": None,
-            "input_features": features["input_features"][0, :windows],
-            "windows": windows,
-            "seconds_dropped": round(dropped, 3),
+            "clip": encoded,
+            "windows": encoded.windows,
+            "seconds_dropped": encoded.seconds_dropped,
         }
 
 
-def _worker_init(_):
+def _worker_init(quiet_loggers: tuple[str, ...], _):
     # Workers decode one clip each; the model's process owns the cores' threads.
     torch.set_num_threads(1)
     # The rows carry `seconds_dropped`; a warning per long clip from every worker would only bury the progress bar.
-    logging.getLogger("transformers_af2.processing.feature_extraction_audioflamingo2").setLevel(logging.ERROR)
+    for name in quiet_loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def read_clips(clips: list[Clip], feature_extractor, num_workers: int, prefetch: int = 4) -> Iterator[dict]:
+def read_clips(clips: list[Clip], family: ModelFamily, num_workers: int, prefetch: int = 4) -> Iterator[dict]:
     """The read clips in order, `num_workers` processes reading ahead (0: read in this process)."""
     loader = torch.utils.data.DataLoader(
-        ClipReader(clips, feature_extractor),
+        ClipReader(clips, family),
         batch_size=None,
         num_workers=num_workers,
-        worker_init_fn=_worker_init if num_workers else None,
+        worker_init_fn=functools.partial(_worker_init, family.per_clip_loggers) if num_workers else None,
         prefetch_factor=prefetch if num_workers else None,
         collate_fn=lambda item: item,
     )
@@ -244,58 +224,29 @@ def stop_reasons(new_tokens: torch.Tensor, eos_token_ids: list[int]) -> tuple[li
 
 
 class BatchGenerator:
-    """Turns read clips and their prompts into model inputs with the processor and generates their rows."""
+    """Turns read clips and their prompts into model inputs through the model's family and generates their rows."""
 
     def __init__(self, model, processor, generate_kwargs: dict):
         self.model = model
-        self.processor = processor
+        self.family = family_for(model, processor)
         self.generate_kwargs = dict(generate_kwargs)
-        extractor = processor.feature_extractor
-        # Batch padding windows hold silence, exactly as the feature extractor pads a batch (masked either way).
-        self.padding_window = extractor.log_mel(torch.zeros(1, extractor.window_samples))[0]
-        eos = model.generation_config.eos_token_id
+        eos = self.generate_kwargs.get("eos_token_id", model.generation_config.eos_token_id)
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
 
-    def check_prompts(self, prompts: list[str], chunk: int = 1024) -> None:
-        """Every prompt must render with exactly one audio token; checked before the run rather than failing every
-        batch that holds it."""
-        for start in range(0, len(prompts), chunk):
-            texts = prompts[start : start + chunk]
-            try:
-                ids = self.processor(text=texts, return_tensors=None)["input_ids"]
-            except ValueError:  # the processor's own check: name the prompt rather than its index in this chunk
-                for prompt in texts:
-                    try:
-                        self.processor(text=[prompt], return_tensors=None)
-                    except ValueError as error:
-                        raise ValueError(f"prompt {prompt!r}: {error}") from None
-                raise
-            for prompt, row in zip(texts, ids):
-                count = row.count(self.processor.audio_token_id)
-                if count != 1:
-                    raise ValueError(
-                        f"prompt {prompt!r} holds {count} <audio> tokens; AF2 takes exactly one per prompt."
-                    )
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Every prompt must be one the family can ask (see `ModelFamily.check_questions`)."""
+        self.family.check_questions(prompts)
 
-    def inputs(self, prompts: list[str], features: list[torch.Tensor]):
-        """The processor's text batch (left-padded) with the clips' windows padded as the feature extractor does."""
-        batch = self.processor(text=prompts, return_tensors="pt")
-        widest = max(f.shape[0] for f in features)
-        padded = self.padding_window.expand(len(features), widest, -1, -1).clone()
-        mask = torch.zeros(len(features), widest, dtype=torch.long)
-        for row, windows in enumerate(features):
-            padded[row, : windows.shape[0]] = windows
-            mask[row, : windows.shape[0]] = 1
-        batch["input_features"] = padded
-        batch["input_features_mask"] = mask
-        return batch.to(self.model.device)
+    def inputs(self, prompts: list[str], clips: list[EncodedAudio]):
+        """The family's batch of `prompts[i]` about `clips[i]`, on the model's device."""
+        return self.family.to_model(self.family.batch_inputs(prompts, clips), self.model)
 
     @torch.inference_mode()
     def __call__(self, jobs: list[GenerationJob], read: list[dict]) -> list[dict]:
-        inputs = self.inputs([job.prompt for job in jobs], [item["input_features"] for item in read])
+        inputs = self.inputs([job.prompt for job in jobs], [item["clip"] for item in read])
         generated = self.model.generate(**inputs, **self.generate_kwargs)
         new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        answers = self.processor.decode_answers(new_tokens)
+        answers = self.family.decode_answers(new_tokens)
         counts, reasons = stop_reasons(new_tokens, self.eos_token_ids)
         rows = []
         for job, item, answer, count, reason in zip(jobs, read, answers, counts, reasons):
@@ -351,7 +302,8 @@ def run_generation_jobs(
 
     Args:
         jobs: the rows wanted (see `jobs_for_clips`); their order is the order of the merged output.
-        model, processor: an AF2 model (on its device, in its dtype) and its processor.
+        model, processor: a model of any supported family (see `transformers_af2.families`; on its device, in its
+            dtype) and its processor.
         output: the output file (or its `RunStore`); its `.parts` folder keeps the rows between runs.
         settings: what the rows depend on (model, revision, dtype, generation settings); recorded in the sidecar on
             the first run and compared on every later one: a difference is an error.
@@ -431,7 +383,7 @@ def run_generation_jobs(
             buffer.clear()
 
         try:
-            for item in read_clips(clip_list, processor.feature_extractor, num_workers):
+            for item in read_clips(clip_list, generator.family, num_workers):
                 group = clips[clip_list[item["position"]].clip_id]
                 if item["error"] is not None:
                     errors_part = errors_part or store.new_part("errors", processes.rank)
@@ -482,5 +434,6 @@ __all__ = [
     "package_versions",
     "read_clips",
     "run_generation_jobs",
+    "source_seconds",
     "stop_reasons",
 ]

@@ -81,6 +81,7 @@ def run_eval_command(args) -> int:
     import torch
 
     from ..cli import _resolve_device, load_model_and_processor
+    from ..families import family_for
     from ..utils import parse_dtype
     from .engines import CaptionEngine, LoopEngine
     from .generation import BatchedAnswerGenerator
@@ -92,6 +93,9 @@ def run_eval_command(args) -> int:
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per data-parallel process
     model, processor = load_model_and_processor(args.model, device=device, dtype=parse_dtype(args.dtype, device))
+    # The family's own prompt for the task where its authors publish one (recorded as the run's prompt template).
+    family_prompt = family_for(model, processor).eval_prompt(args.task)
+    prompt_template = args.prompt if args.prompt is not None or family_prompt is None else family_prompt.template
     settings = {**GENERATION_SETTINGS, "max_new_tokens": args.max_new_tokens}
     if args.engine == "loop":
         engine = LoopEngine(BatchedAnswerGenerator(model, processor, settings))
@@ -105,7 +109,7 @@ def run_eval_command(args) -> int:
         engine,
         audio_root=args.audio_root,
         model_name=args.model,
-        prompt_template=args.prompt,
+        prompt_template=prompt_template,
         batch_size=args.batch_size,
         limit=args.limit,
         overwrite=args.overwrite,

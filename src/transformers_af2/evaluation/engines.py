@@ -129,14 +129,10 @@ class CaptionEngine:
 
     def answer_items(self, items, prompts, output: Path, batch_size: int, progress=None) -> dict[str, dict] | None:
         from ..caption import Clip, GenerationJob, ProcessGroup, row_id, run_generation_jobs
+        from ..families import family_for
         from ..runstore import RunStore
 
-        tokenizer = self.processor.tokenizer
-        generate_kwargs = {
-            **self.settings,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
+        generate_kwargs = {**self.settings, **family_for(self.model, self.processor).stop_kwargs(self.model)}
         # A row is the answer to one prompt about one item's audio: a changed prompt or audio is never reused.
         jobs = [
             GenerationJob(

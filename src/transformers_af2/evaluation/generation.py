@@ -11,40 +11,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-import torch
-
 
 class AnswerGenerator(Protocol):
     settings: dict
 
     def __call__(self, audios: Sequence[str], questions: Sequence[str]) -> list[str]:
-        """One answer per (audio path, question), in order: the text after `<SEP>`, special tokens removed."""
+        """One answer per (audio path, question), in order: the family's answer text (AF2: after `<SEP>`; AF3/MF:
+        after any `<think>` reasoning), special tokens removed."""
 
 
 class BatchedAnswerGenerator:
     """
-    Answers with `model.generate` on whole batches. The processor writes AF2's prompt (`<audio>` + lower-cased,
-    stripped question + `<SEP>`) and left-pads the batch; generation stops at the tokenizer's eos, as the original's
-    evaluation does. `settings` are the `generate` arguments (see `tasks.GENERATION_SETTINGS`).
+    Answers with `model.generate` on whole batches, through the model's family (see `transformers_af2.families`):
+    for AF2 the processor writes its prompt (`<audio>` + lower-cased, stripped question + `<SEP>`) and generation
+    stops at the tokenizer's eos, as the original's evaluation does; for AF3 / Music Flamingo the processor's chat
+    template writes it and generation stops at the end of the turn. Batches are left-padded. `settings` are the
+    `generate` arguments (see `tasks.GENERATION_SETTINGS`).
     """
 
     def __init__(self, model, processor, settings: dict):
-        self.model = model
-        self.processor = processor
-        self.settings = dict(settings)
-        tokenizer = processor.tokenizer
-        self._special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+        from ..families import family_for
 
-    @torch.inference_mode()
+        self.model = model
+        self.family = family_for(model, processor)
+        self.settings = dict(settings)
+
     def __call__(self, audios: Sequence, questions: Sequence[str], sampling_rate: int | None = None) -> list[str]:
-        """`audios`: paths, or waveforms at `sampling_rate` (as the processor takes them)."""
+        """`audios`: paths, or waveforms at `sampling_rate` (as the family's front end takes them)."""
         if len(audios) != len(questions):
             raise ValueError(f"got {len(audios)} audios for {len(questions)} questions.")
-        inputs = self.processor(text=list(questions), audio=list(audios), sampling_rate=sampling_rate).to(
-            self.model.device
-        )
-        if "input_features" in inputs:
-            inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
-        generated = self.model.generate(**inputs, **self._special, **self.settings)
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        return self.processor.decode_answers(new_tokens)
+        return self.family.answer(self.model, list(questions), list(audios), self.settings, sampling_rate)

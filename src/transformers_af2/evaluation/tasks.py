@@ -31,9 +31,9 @@ GENERATION_SETTINGS = {"do_sample": False, "num_beams": 1, "max_new_tokens": 256
 class EvalTask:
     """
     One benchmark. `prompt` is a `str.format` template over the item's fields plus `{options}` (the choices as
-    "(A) first\\n(B) second"); `reader` names a function of `readers.READERS`, called with `reader_options`;
-    `scorer` names a function of `scoring.SCORERS`, called with `scorer_options` (e.g. the dataset's label aliases).
-    `download` and `data_hint` feed the README table and `--help`.
+    "(A) first\\n(B) second") and `{options_inline}` ("(A) first (B) second"); `reader` names a function of
+    `readers.READERS`, called with `reader_options`; `scorer` names a function of `scoring.SCORERS`, called with
+    `scorer_options` (e.g. the dataset's label aliases). `download` and `data_hint` feed the README table and `--help`.
     """
 
     name: str
@@ -54,7 +54,9 @@ class EvalTask:
         template = self.prompt if template is None else template
         fields = dict(item)
         if "choices" in item:
-            fields["options"] = "\n".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(item["choices"]))
+            lettered = [f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(item["choices"])]
+            fields["options"] = "\n".join(lettered)
+            fields["options_inline"] = " ".join(lettered)  # one line, as AF3's multiple-choice instruction has them
         try:
             return template.format(**fields)
         except KeyError as error:

@@ -280,6 +280,7 @@ def run_train(args: argparse.Namespace) -> int:
     import transformers
     from transformers import AutoProcessor
 
+    from ..families import detect_family
     from .collator import AudioFlamingo2DataCollator
     from .lora import adapter_config_of, merge_lora
     from .training import AudioFlamingo2Trainer, last_complete_checkpoint
@@ -299,6 +300,9 @@ def run_train(args: argparse.Namespace) -> int:
             )
 
     adapter = adapter_config_of(args.model)
+    family = detect_family(adapter.get("base_model_name_or_path") if adapter is not None else args.model)
+    if family.training_unsupported:
+        raise ValueError(f"--model {args.model} is {family.display_name}: {family.training_unsupported}")
     processor_source = args.processor or args.model
     if args.processor is None and adapter is not None:
         has_processor = os.path.isfile(os.path.join(args.model, "processor_config.json"))
