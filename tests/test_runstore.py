@@ -7,6 +7,9 @@ duplicate ids, non-UTF-8 file names, manifest encodings.
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -204,15 +207,18 @@ def test_weights_fingerprint_and_record_differences(repo_copy, tmp_path):
 
 
 def test_a_second_run_into_a_held_output_is_refused_naming_the_holder(tmp_path):
-    """Within one process, two stores of one output: the lock is per open file, so the second is refused."""
+    """Within one process, two stores of one output: the second is refused, and its refusal leaves the lock held."""
     out = tmp_path / "out.jsonl"
     first, second = RunStore(out), RunStore(out)
     first.open({"a": 1})
     try:
         with pytest.raises(OutputRefused, match=rf"being written by another run: pid {os.getpid()} on host "):
             second.open({"a": 1})
+        # Another process is still refused: the in-process refusal did not drop the record lock.
+        assert _lock_refused_in_another_process(out)
     finally:
         first.close()
+    assert not _lock_refused_in_another_process(out)
     second.open({"a": 1})  # released: free again, and a resume
     assert second.resumed
     second.close()
@@ -355,3 +361,38 @@ def test_a_refusal_lists_ten_differences_and_counts_the_rest(tmp_path):
     message = str(refused.value)
     assert "audio.clip00: was '1:1', now '2:2'" in message and "audio.clip09:" in message
     assert "audio.clip10:" not in message and "; and 15 more." in message
+
+
+def _lock_refused_in_another_process(out) -> bool:
+    code = (
+        "import sys; from transformers_af2.runstore import OutputRefused, RunStore\n"
+        "store = RunStore(sys.argv[1])\n"
+        "try:\n    store.open({'a': 1})\nexcept OutputRefused:\n    sys.exit(3)\nstore.close()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode in (0, 3), result.stderr
+    return result.returncode == 3
+
+
+def test_the_lock_dies_with_its_process_while_forked_children_live(tmp_path):
+    """A run killed with -9 whose forked children (DataLoader workers) live on leaves its output free at once."""
+    out = tmp_path / "out.jsonl"
+    code = (
+        "import os, signal, sys, time; from transformers_af2.runstore import RunStore\n"
+        "RunStore(sys.argv[1]).open({'a': 1})\n"
+        "child = os.fork()\n"
+        "if child == 0:\n    time.sleep(600); os._exit(0)\n"
+        "print(child, flush=True); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    holder.wait(timeout=300)
+    try:
+        assert holder.returncode == -signal.SIGKILL
+        os.kill(child, 0)  # the child still lives and holds the lock file open
+        store = RunStore(out)
+        store.open({"a": 1})  # taken over at once
+        assert store.resumed
+        store.close()
+    finally:
+        os.kill(child, signal.SIGKILL)

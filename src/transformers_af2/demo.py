@@ -15,7 +15,6 @@ Gradio's queue runs one model call at a time.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import queue
 import threading
@@ -31,6 +30,7 @@ from transformers.generation.streamers import BaseStreamer
 from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P, _one_line, add_device_arguments, add_model_arguments
 from .families import EncodedAudio, family_for
 from .generation_utils import through_first_eos
+from .runstore import file_sha256
 from .soundcot import SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS, soundcot_repair_prefix
 
 DEFAULT_PORT = 7860
@@ -110,15 +110,6 @@ class ClipCache:
         return len(self._clips)
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """The clip's identity: a hash of its bytes, so the same file uploaded twice (new temporary path) is one clip."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class AudioQuestionAnswerer:
     """
     Answers questions about audio files with one model of any supported family and its processor, encoding each
@@ -142,7 +133,7 @@ class AudioQuestionAnswerer:
         once per clip; see `ModelFamily.clip_state`)."""
         if path is None or not os.path.isfile(path):
             raise FileNotFoundError(f"audio {path}: no such file; upload or record a clip first.")
-        key = file_digest(path)
+        key = file_sha256(path)  # the clip's bytes: the same file uploaded twice (new temporary path) is one clip
         clip = self.clips.get(key)
         if clip is not None:
             return clip

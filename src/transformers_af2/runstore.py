@@ -5,7 +5,7 @@ What every af2 batch command (`af2 caption`, `af2 eval`) promises about its outp
   an input of the run, or a directory where a file is expected (and the reverse) is refused with the reason;
   `overwrite=True` (`--overwrite`) starts anew and is the only way to replace it. A file af2 wrote and someone
   changed since (its size or mtime differ from what af2 recorded) counts as not af2's.
-- One writer. A run holds an exclusive `flock` on a lock file beside its output for its whole duration; a second
+- One writer. A run holds an exclusive record lock (`lockf`) on a lock file beside its output for its whole duration; a second
   run into the same output is refused at once, naming the running one (pid, host, start, command). The kernel
   releases the lock of a killed process, so a lock left by a `kill -9` is taken over (and said so). On network file
   systems this relies on their lock support (NFSv4 has it).
@@ -23,6 +23,7 @@ folder. Both are a `RunOutput` for the ownership, lock and provenance.
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import hashlib
 import json
@@ -30,6 +31,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -298,51 +300,85 @@ def _describe_holder(holder: dict) -> str:
     )
 
 
+# Record locks do not exclude the process that holds them, and closing any descriptor of a locked file drops its lock.
+# So this process's own locks are kept here, by the file's (device, inode), with their holder records: a second
+# RunLock on the same file in this process is refused from this table, without ever opening the file.
+_HELD_HERE: dict[tuple[int, int], dict] = {}
+_HELD_HERE_GUARD = threading.Lock()
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
 class RunLock:
     """
-    An exclusive `flock` on `path` for a run's whole duration; the file holds the holder's pid, host, start time and
-    command line so that a refused run can name it. The file itself is never deleted (deleting a lock file lets two
-    processes lock two different files of the same name).
+    An exclusive POSIX record lock (`lockf`) on `path` for a run's whole duration; the file holds the holder's pid,
+    host, start time and command line so that a refused run can name it. The file itself is never deleted (deleting a
+    lock file lets two processes lock two different files of the same name).
+
+    Why `lockf` and not `flock`: an flock belongs to the open file, which forked children (DataLoader workers) share,
+    so a run killed with -9 would keep its output locked until its orphaned workers noticed and exited. A record
+    lock belongs to the process alone and is dropped by the kernel the moment it dies. Its one rule: the holder must
+    not open and close this file elsewhere (closing any descriptor of it drops the lock); nothing here does, and a
+    second lock in the same process is refused from `_HELD_HERE` before the file is opened.
     """
 
     def __init__(self, path: Path, output: Path):
         self.path = Path(path)
         self.output = output
         self._handle = None
+        self._identity: tuple[int, int] | None = None
         self.taken_over: dict | None = None  # the record of a run that ended without releasing (killed)
+
+    def _refuse(self, holder: dict) -> OutputRefused:
+        return OutputRefused(
+            f"{self.output} is being written by another run: {_describe_holder(holder)}. Wait for it to end, "
+            "or stop it; runs into one output never overlap."
+        )
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the run, closed in release())
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        with _HELD_HERE_GUARD:
+            held = _HELD_HERE.get(_file_identity(self.path))
+            if held is not None:
+                raise self._refuse(held)
+            handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the run, closed in release())
+            try:
+                fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                handle.seek(0)
+                holder = _parse_holder(handle.read())
+                handle.close()  # not ours: closing it drops no lock of this process
+                if error.errno in (errno.EAGAIN, errno.EACCES):  # the two ways platforms say "held by another"
+                    raise self._refuse(holder) from None
+                raise
             handle.seek(0)
-            holder = _parse_holder(handle.read())
-            handle.close()
-            raise OutputRefused(
-                f"{self.output} is being written by another run: {_describe_holder(holder)}. Wait for it to end, "
-                "or stop it; runs into one output never overlap."
-            ) from None
-        handle.seek(0)
-        previous = handle.read()
-        if previous.strip():
-            # The kernel dropped the lock of a process that died holding it; its record is still in the file.
-            self.taken_over = _parse_holder(previous)
-            print(f"af2: {self.output}: taking over from a run that ended without finishing: "
-                  f"{_describe_holder(self.taken_over)}", file=sys.stderr, flush=True)  # fmt: skip
-        holder = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": _command_line()[:500],
-        }
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps(holder) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-        self._handle = handle
+            previous = handle.read()
+            if previous.strip():
+                # The kernel dropped the lock of a process that died holding it; its record is still in the file.
+                self.taken_over = _parse_holder(previous)
+                print(f"af2: {self.output}: taking over from a run that ended without finishing: "
+                      f"{_describe_holder(self.taken_over)}", file=sys.stderr, flush=True)  # fmt: skip
+            holder = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "command": _command_line()[:500],
+            }
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps(holder) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            stat = os.fstat(handle.fileno())
+            self._identity = (stat.st_dev, stat.st_ino)
+            _HELD_HERE[self._identity] = holder
+            self._handle = handle
 
     def release(self) -> None:
         if self._handle is None:
@@ -351,8 +387,10 @@ class RunLock:
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.flush()
-        fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
-        self._handle.close()
+        with _HELD_HERE_GUARD:
+            fcntl.lockf(self._handle.fileno(), fcntl.LOCK_UN)
+            _HELD_HERE.pop(self._identity, None)
+            self._handle.close()
         self._handle = None
 
 
