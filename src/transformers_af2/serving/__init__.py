@@ -147,6 +147,13 @@ def add_serve_parser(subparsers, formatter_class=argparse.HelpFormatter, default
         help="with --allow-audio-urls: non-public addresses that may still be fetched from (comma-separated, e.g. "
         "an internal mirror 10.1.2.3/32)",
     )
+    security.add_argument(
+        "--audio-url-timeout",
+        type=_positive(float),
+        default=10.0,
+        metavar="SECONDS",
+        help="with --allow-audio-urls: limit for a connection and for each read; a whole download gets 3x",
+    )
     security.add_argument("--max-audio-mb", type=_positive(float), default=50.0, help="largest audio accepted, in MB")
     load = parser.add_argument_group("load")
     load.add_argument("--max-batch-size", type=_positive(int), default=8, help="requests per generate call")
@@ -174,6 +181,9 @@ def settings_from_args(args):
         allowed_hosts=_names(args.allow_audio_urls or ""),
         trusted_networks=args.audio_url_trusted_networks,
         max_bytes=int(args.max_audio_mb * 1024 * 1024),
+        connect_timeout=args.audio_url_timeout,
+        read_timeout=args.audio_url_timeout,
+        total_timeout=3 * args.audio_url_timeout,
     )
     if args.audio_url_trusted_networks and not policy.allow_urls:
         raise ValueError("--audio-url-trusted-networks applies to --allow-audio-urls, which is not given.")

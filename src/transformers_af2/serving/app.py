@@ -30,6 +30,9 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                503: "server_busy", 504: "timeout"}  # fmt: skip
 # How often a waiting non-streaming request looks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.5
+# Worker threads that may wait on audio downloads at once (with --allow-audio-urls): slow URLs cannot take every
+# worker thread from the requests that send their audio as data.
+MAX_CONCURRENT_DOWNLOADS = 8
 
 
 @dataclass
@@ -119,6 +122,7 @@ def build_app(
     `settings.admin_routes`, an API key and `load_model`). Returns `(app, scheduler)`; the scheduler thread owns the
     model; call `scheduler.close()` when done.
     """
+    import anyio
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
@@ -126,6 +130,7 @@ def build_app(
 
     scheduler = BatchScheduler(model, processor, **(scheduler_options or {}))
     names = set(served_names)
+    downloads = anyio.CapacityLimiter(MAX_CONCURRENT_DOWNLOADS)
     app = FastAPI(title="af2 serve", docs_url=None, redoc_url=None, openapi_url=None)
 
     def authorised(request: Request) -> bool:
@@ -179,7 +184,10 @@ def build_app(
             raise RequestError("the model is unloaded (POST /load_model loads it again).", status=503, code="unloaded")
         scheduler.check_capacity()  # before reading the audio: a full server refuses at once
         deadline = time.monotonic() + settings.request_timeout
-        prompt, features, prompt_tokens = await run_in_threadpool(model_inputs_for, chat, processor, settings.audio)
+        limiter = downloads if settings.audio.allow_urls and _names_a_url(chat) else None
+        prompt, features, prompt_tokens = await anyio.to_thread.run_sync(
+            model_inputs_for, chat, processor, settings.audio, limiter=limiter
+        )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -255,14 +263,14 @@ def build_app(
             raise ValueError("admin routes need an API key (--api-key or AF2_API_KEY) and a way to load the model.")
 
         @app.post("/reset")
-        async def reset(request: Request):
+        async def reset_route(request: Request):
             if not authorised(request):
                 return unauthorised()
             await run_in_threadpool(scheduler.swap_model, None, None)
             return {"status": "unloaded"}
 
         @app.post("/load_model")
-        async def load_model(request: Request):
+        async def load_model_route(request: Request):
             if not authorised(request):
                 return unauthorised()
             body = await _read_json(request, 64 * 1024)
@@ -277,6 +285,15 @@ def build_app(
             return {"status": "loaded", "model": served_names[0]}
 
     return app, scheduler
+
+
+def _names_a_url(chat: ChatRequest) -> bool:
+    return any(
+        isinstance(item, dict) and item.get("type") == "audio_url"
+        for message in chat.messages
+        if isinstance(message["content"], list)
+        for item in message["content"]
+    )
 
 
 def _usage(result: dict) -> dict:

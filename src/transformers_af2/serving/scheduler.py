@@ -144,22 +144,27 @@ class BatchProgress(StoppingCriteria):
             row.sent = text
             row.job.streamed = True
 
-    def finish(self) -> None:
-        """After `generate`: rows it ended (its max_new_tokens) finish by length; every job gets its result."""
+    def finish(self) -> list[str]:
+        """After `generate`: rows it ended (its max_new_tokens) finish by length; every job gets its result. Returns
+        each job's outcome: "answered", "cancelled" or "timeout"."""
         for row in self.rows:
             if row.finish_reason is None:
                 row.finish_reason = "length"
                 if row.job.request.stream:
                     self._stream(row)
         jobs = list(dict.fromkeys(row.job for row in self.rows))
+        outcomes = []
         for job in jobs:
             rows = [row for row in self.rows if row.job is job]
             reasons = {row.finish_reason for row in rows}
             if "cancelled" in reasons:
+                outcomes.append("cancelled")
                 continue
             if "timeout" in reasons:
                 job.deliver(("error", 504, "the request took longer than this server's request timeout."))
+                outcomes.append("timeout")
                 continue
+            outcomes.append("answered")
             choices = sorted((choice, row) for row in rows for choice in row.choices)
             job.deliver(
                 (
@@ -171,6 +176,7 @@ class BatchProgress(StoppingCriteria):
                     },
                 )
             )
+        return outcomes
 
 
 class BatchScheduler:
@@ -189,6 +195,8 @@ class BatchScheduler:
         self._condition = threading.Condition()
         self._closed = False
         self._running = 0
+        # Requests by outcome ("answered", "cancelled", "timeout", "failed"), shown by /health.
+        self.outcomes: collections.Counter = collections.Counter()
         self._model_lock = threading.Lock()  # held while a batch runs; swap_model waits for it
         self._batch_seconds = 10.0  # running mean, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="af2-serve-model", daemon=True)
@@ -214,7 +222,7 @@ class BatchScheduler:
 
     def status(self) -> dict:
         with self._condition:
-            return {"waiting": len(self._waiting), "running": self._running}
+            return {"waiting": len(self._waiting), "running": self._running, **self.outcomes}
 
     @property
     def loaded(self) -> bool:
@@ -279,8 +287,10 @@ class BatchScheduler:
             reason = job.stopped()
             if reason == "timeout":
                 job.deliver(("error", 504, "the request waited longer than this server's request timeout."))
-            elif reason is None:
+            if reason is None:
                 live.append(job)
+            else:
+                self._count(reason)
         if not live:
             return
         try:
@@ -291,12 +301,18 @@ class BatchScheduler:
                 for job in live:
                     if job.streamed:
                         job.deliver(("error", 500, "internal error while generating the answer (logged)."))
+                        self._count("failed")
                     else:
                         self._run([job])
                 return
             # Not the client's doing (its request was checked): a bug or the machine. Logged in full here only.
             logger.exception("generation failed for a request")
             live[0].deliver(("error", 500, "internal error while generating the answer (logged on the server)."))
+            self._count("failed")
+
+    def _count(self, *outcomes: str) -> None:
+        with self._condition:
+            self.outcomes.update(outcomes)
 
     @torch.inference_mode()
     def _generate(self, jobs: list[Job]) -> None:
@@ -321,7 +337,7 @@ class BatchScheduler:
             stopping_criteria=StoppingCriteriaList([progress]),
             logits_processor=with_non_finite_check(None, names),
         )
-        progress.finish()
+        self._count(*progress.finish())
 
 
 __all__ = ["BatchProgress", "BatchScheduler", "Job", "QueueFull"]
