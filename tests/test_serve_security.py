@@ -16,6 +16,8 @@ pytest.importorskip("fastapi", reason="the [serve] extra (fastapi, uvicorn) is n
 
 API_KEY = "test-key-7f3a"
 WAIT = 120  # seconds; a safety net only
+# The keyed server's per-request limit: short requests end well within it, 1900 tokens of the tiny model do not.
+REQUEST_TIMEOUT = 8
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,8 @@ def greedy_answers(loaded):
 def keyed_server(converted_fixture, tmp_path_factory):
     """API key and admin routes; audio as data only (the default)."""
     log = tmp_path_factory.mktemp("keyed") / "server.log"
-    with running_server(converted_fixture.repo, log, "--admin-routes", env={"AF2_API_KEY": API_KEY}) as (url, _):
+    options = ["--admin-routes", "--request-timeout", str(REQUEST_TIMEOUT), "--max-tokens-limit", "2000"]
+    with running_server(converted_fixture.repo, log, *options, env={"AF2_API_KEY": API_KEY}) as (url, _):
         yield url
 
 
@@ -300,3 +303,33 @@ def test_admin_routes_without_a_key_are_refused_at_start(monkeypatch):
     args = build_parser().parse_args(["serve", "--allow-audio-urls", "a.example, b.example"])
     assert settings_from_args(args).audio.allowed_hosts == {"a.example", "b.example"}
     assert not settings_from_args(build_parser().parse_args(["serve"])).audio.allow_urls
+
+
+def test_a_request_over_the_time_limit_ends_with_a_timeout_and_frees_the_model(keyed_server, converted_fixture):
+    model = str(converted_fixture.repo)
+    base = keyed_server.removesuffix("/v1")
+    before = httpx.get(f"{base}/health").json()
+    client = openai_client(keyed_server)
+    messages = audio_message(converted_fixture.wav(0).read_bytes())
+    with pytest.raises(openai.APIError) as caught:
+        streamed(client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=1900,
+                                                stream=True))  # fmt: skip
+    assert "request timeout" in caught.value.message
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=1900)
+    assert caught.value.status_code == 504 and "request timeout" in caught.value.message
+    after = httpx.get(f"{base}/health").json()
+    assert after.get("timeout", 0) == before.get("timeout", 0) + 2
+    assert after["running"] == 0
+
+
+def test_the_command_line_does_not_import_the_server_stack():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from transformers_af2.cli import build_parser; build_parser().parse_args(['serve']); "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

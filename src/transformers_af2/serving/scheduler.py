@@ -76,10 +76,11 @@ class Job:
         return ("sample", request.temperature, request.top_p)
 
     def stopped(self) -> str | None:
-        """Why this job's rows should stop now: "cancelled", "timeout" or None."""
-        if self.cancelled.is_set():
-            return "cancelled"
-        return "timeout" if time.monotonic() > self.deadline else None
+        """Why this job's rows should stop now: "timeout", "cancelled" or None. A timed-out request is cancelled by
+        its handler as well; it counts as a timeout."""
+        if time.monotonic() > self.deadline:
+            return "timeout"
+        return "cancelled" if self.cancelled.is_set() else None
 
 
 @dataclass
@@ -197,6 +198,7 @@ class BatchScheduler:
         self._running = 0
         # Requests by outcome ("answered", "cancelled", "timeout", "failed"), shown by /health.
         self.outcomes: collections.Counter = collections.Counter()
+        self.batch_sizes: collections.Counter = collections.Counter()  # generate calls by rows
         self._model_lock = threading.Lock()  # held while a batch runs; swap_model waits for it
         self._batch_seconds = 10.0  # running mean, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="af2-serve-model", daemon=True)
@@ -222,7 +224,8 @@ class BatchScheduler:
 
     def status(self) -> dict:
         with self._condition:
-            return {"waiting": len(self._waiting), "running": self._running, **self.outcomes}
+            sizes = {str(size): count for size, count in sorted(self.batch_sizes.items())}
+            return {"waiting": len(self._waiting), "running": self._running, **self.outcomes, "batch_sizes": sizes}
 
     @property
     def loaded(self) -> bool:
@@ -326,6 +329,8 @@ class BatchScheduler:
             else:
                 rows.extend(_Row(job, [choice]) for choice in range(sampled_choices))
         progress = BatchProgress(rows, inputs["input_ids"].shape[1], self.processor, self.generator.eos_token_ids)
+        with self._condition:
+            self.batch_sizes[len(jobs)] += 1
         names = [f"request {index}" for index in range(len(jobs))]
         if first.seed is not None and not first.greedy:
             torch.manual_seed(first.seed)  # this job runs alone (see Job.batch_key)
