@@ -333,3 +333,12 @@ def test_the_command_line_does_not_import_the_server_stack():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_malformed_bodies_are_400s(keyed_server):
+    auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    url = f"{keyed_server}/chat/completions"
+    for body in (b"{not json", b"\xff\xfe", b"[" * 100000, b"[]", b'{"messages": []}'):
+        response = httpx.post(url, content=body, headers=auth, timeout=WAIT)
+        assert response.status_code == 400, (body[:20], response.text)
+        assert response.json()["error"]["type"] == "invalid_request_error"

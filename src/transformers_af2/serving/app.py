@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..audio_sources import AudioSourceError, AudioSourcePolicy, audio_bytes_from_content_item
+from ..audio_sources import HOW_TO_SEND_AUDIO, AudioSourceError, AudioSourcePolicy, audio_bytes_from_content_item
 from .chat_request import ChatRequest, Limits, RequestError, parse_chat_request
 from .scheduler import BatchScheduler, Job, QueueFull
 
@@ -80,14 +80,28 @@ def model_inputs_for(chat: ChatRequest, processor, policy: AudioSourcePolicy) ->
                         raise RequestError(str(error), "messages") from None
             content = items
         conversation.append({"role": message["role"], "content": content})
+    audios = [item["audio"] for m in conversation if isinstance(m["content"], list) for item in m["content"]
+              if item["type"] == "audio"]  # fmt: skip
+    if len(audios) != 1:
+        raise RequestError(
+            f"the messages hold {len(audios)} audio items; AF2 answers about exactly one audio: {HOW_TO_SEND_AUDIO}.",
+            "messages",
+        )
     try:
         prefill = conversation[-1]["role"] == "assistant"
         prompt = processor.apply_chat_template(conversation, continue_final_message=prefill)
-        audio = next(item["audio"] for m in conversation if isinstance(m["content"], list) for item in m["content"]
-                     if item["type"] == "audio")  # fmt: skip
-        features = processor.feature_extractor([audio], return_tensors="pt")
-        prompt_tokens = len(processor(text=[prompt], return_tensors=None)["input_ids"][0])
+        # The processor would cut a longer prompt with a warning in the server's log only; the client is told.
+        prompt_tokens = len(processor.tokenizer(prompt)["input_ids"])
+        if prompt_tokens > processor.max_prompt_length:
+            raise RequestError(
+                f"the prompt is {prompt_tokens} tokens; AF2 takes at most {processor.max_prompt_length}: shorten the "
+                "question.",
+                "messages",
+            )
+        features = processor.feature_extractor(audios, return_tensors="pt")
     except (ValueError, TypeError) as error:  # the processor's and the front end's messages name the problem
+        if isinstance(error, RequestError):
+            raise
         raise RequestError(" ".join(str(error).split()) or type(error).__name__, "messages") from None
     windows = int(features["input_features_mask"][0].sum())
     return prompt, features["input_features"][0, :windows], prompt_tokens
@@ -106,6 +120,8 @@ async def _read_json(request, limit: int):
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RequestError(f"the request body is not JSON ({error}).") from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply.") from None
 
 
 def build_app(
