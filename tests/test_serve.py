@@ -237,6 +237,14 @@ def test_bad_audio_is_a_400_with_the_reason_and_the_server_keeps_serving(server,
     assert after.choices[0].message.content == pipeline_answers[0, "greedy"]
 
 
+def test_a_question_over_the_prompt_limit_is_refused_not_cut(server, client):
+    fixture, _, _ = server
+    messages = audio_message(fixture.wav(0).read_bytes(), question="what " * 600)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=str(fixture.repo), messages=messages, max_tokens=2)
+    assert "AF2 takes at most 512" in caught.value.message
+
+
 @pytest.mark.parametrize(
     ("fields", "named"),
     [
