@@ -4,6 +4,7 @@ for what it cannot send, real HTTP servers that record every request, and a list
 """
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,6 +17,7 @@ pytest.importorskip("fastapi", reason="the [serve] extra (fastapi, uvicorn) is n
 
 API_KEY = "test-key-7f3a"
 WAIT = 120  # seconds; a safety net only
+POLL = 0.05  # seconds between looks at /health while waiting for a state (not a timing assumption)
 # The keyed server's per-request limit: short requests end well within it, 1900 tokens of the tiny model do not.
 REQUEST_TIMEOUT = 8
 
@@ -225,6 +227,7 @@ def test_a_full_queue_is_a_503_with_retry_after_and_a_client_that_leaves_is_canc
             queued = pool.submit(lambda: http.post(f"{url_server}/chat/completions", json=queued_body))
             while httpx.get(f"{base}/health").json()["waiting"] != 1:
                 assert not queued.done(), queued.result().text
+                time.sleep(POLL)
             refused = http.post(f"{url_server}/chat/completions", json=queued_body)
             assert refused.status_code == 503
             assert int(refused.headers["Retry-After"]) >= 1
@@ -342,3 +345,22 @@ def test_malformed_bodies_are_400s(keyed_server):
         response = httpx.post(url, content=body, headers=auth, timeout=WAIT)
         assert response.status_code == 400, (body[:20], response.text)
         assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_waiting_client_that_leaves_is_cancelled(keyed_server, converted_fixture):
+    """Non-streaming: the server notices the closed connection while it generates and stops the request (well before
+    its 1900 tokens or the request timeout)."""
+    model = str(converted_fixture.repo)
+    base = keyed_server.removesuffix("/v1")
+    before = httpx.get(f"{base}/health").json()
+    body = {"model": model, "messages": audio_message(converted_fixture.wav(0).read_bytes()), "temperature": 0,
+            "max_tokens": 1900}  # fmt: skip
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes its connection
+        httpx.post(f"{keyed_server}/chat/completions", json=body, headers=headers, timeout=2)
+    while (now := httpx.get(f"{base}/health").json())["running"] or now.get("cancelled", 0) == before.get(
+        "cancelled", 0
+    ):
+        assert now.get("timeout", 0) == before.get("timeout", 0), now  # cancelled, not left to time out
+        time.sleep(POLL)
+    assert now.get("answered", 0) == before.get("answered", 0)
