@@ -123,7 +123,9 @@ def add_serve_parser(subparsers, formatter_class=argparse.HelpFormatter, default
     parser.add_argument("--attn-implementation", help='attention backend, e.g. "sdpa" or "flash_attention_2"')
     security = parser.add_argument_group("security")
     security.add_argument(
-        "--api-key", help=f"require Authorization: Bearer <key> on every route but /health (default: ${API_KEY_ENV})"
+        "--api-key",
+        help=f"require Authorization: Bearer <key> on every route but /health (default: ${API_KEY_ENV}, which other "
+        "users of the machine cannot read from the process list as they can this option)",
     )
     security.add_argument(
         "--admin-routes",
