@@ -1,6 +1,7 @@
 """
-`af2 serve`: a real server process on 127.0.0.1 (transformers' serving app with AF2), called with the official
-`openai` client; answers are compared with the pipeline's for the same audio and question.
+`af2 serve` for a well-behaved client: a real server process on 127.0.0.1, called with the official `openai`
+client; answers are compared with the pipeline's for the same audio, question and generation settings. OpenAI's
+fields mean what they mean (temperature, top_p, n, seed, stop, max_tokens) or are refused with a 400 naming them.
 """
 
 import base64
@@ -19,20 +20,22 @@ pytest.importorskip("uvicorn", reason="the [serve] extra (fastapi, uvicorn) is n
 
 QUESTION = "What is the sound in this audio?"
 MAX_TOKENS = 12
-# Sampling with a fixed seed: the tiny random model repeats one token under greedy decoding whatever it hears, so
-# only sampled answers show that the audio and the question reach the model.
-SAMPLING = {"do_sample": True, "top_k": 30, "top_p": 0.95}
+# OpenAI's sampling: temperature and nucleus top_p over the whole distribution (no top-k). The tiny random model
+# repeats one token under greedy decoding whatever it hears, so only sampled answers show that the audio and the
+# question reach the model.
+TEMPERATURE, TOP_P = 1.0, 0.95
+SAMPLING = {"do_sample": True, "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": 0}
 SEED = 0
 SERVER_START_TIMEOUT = 180
 
 
 @contextlib.contextmanager
-def running_server(repo, log_path, *extra_args):
+def running_server(repo, log_path, *extra_args, env=None):
     """`af2 serve` for `repo` in its own process on a free port of 127.0.0.1; yields (base URL, process)."""
     port = free_port()
     args = ["serve", "--model", str(repo), "--port", str(port), "--device", "cpu", "--log-level", "warning"]
     with running_af2_command(
-        [*args, *extra_args], log_path, f"http://127.0.0.1:{port}/health", SERVER_START_TIMEOUT
+        [*args, *extra_args], log_path, f"http://127.0.0.1:{port}/health", SERVER_START_TIMEOUT, env=env
     ) as process:
         yield f"http://127.0.0.1:{port}/v1", process
 
@@ -40,7 +43,7 @@ def running_server(repo, log_path, *extra_args):
 @pytest.fixture(scope="module")
 def server(converted_fixture, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    with running_server(converted_fixture.repo, log_path) as (url, process):
+    with running_server(converted_fixture.repo, log_path, "--max-tokens-limit", "4096") as (url, process):
         yield converted_fixture, url, process
 
 
@@ -49,23 +52,28 @@ def client(server):
     return openai.OpenAI(base_url=server[1], api_key="unused", max_retries=0, timeout=120)
 
 
+def pipeline_answer(pipe, wav, max_new_tokens=MAX_TOKENS, seed=None, **generate):
+    if seed is not None:
+        torch.manual_seed(seed)
+    return pipe(audio=str(wav), text=QUESTION, max_new_tokens=max_new_tokens, **generate)[0]["generated_text"]
+
+
 @pytest.fixture(scope="module")
-def pipeline_answers(loaded):
-    """The pipeline's answers for each fixture clip, greedy and sampled with SEED, as the reference."""
+def pipe(loaded):
     from transformers import pipeline
 
-    fixture, model, processor = loaded
-    pipe = pipeline("audio-text-to-text", model=model, processor=processor)
+    _, model, processor = loaded
+    return pipeline("audio-text-to-text", model=model, processor=processor)
+
+
+@pytest.fixture(scope="module")
+def pipeline_answers(loaded, pipe):
+    """The pipeline's answers for each fixture clip, greedy and sampled with SEED, as the reference."""
+    fixture = loaded[0]
     answers = {}
     for index in range(2):
-        wav = str(fixture.wav(index))
-        answers[index, "greedy"] = pipe(audio=wav, text=QUESTION, max_new_tokens=MAX_TOKENS, do_sample=False)[0][
-            "generated_text"
-        ]
-        torch.manual_seed(SEED)
-        answers[index, "sampled"] = pipe(audio=wav, text=QUESTION, max_new_tokens=MAX_TOKENS, **SAMPLING)[0][
-            "generated_text"
-        ]
+        answers[index, "greedy"] = pipeline_answer(pipe, fixture.wav(index), do_sample=False)
+        answers[index, "sampled"] = pipeline_answer(pipe, fixture.wav(index), seed=SEED, **SAMPLING)
     # The reference must tell the clips apart, or equal answers would prove nothing about the audio.
     assert answers[0, "sampled"] != answers[1, "sampled"]
     return answers
@@ -84,36 +92,124 @@ def audio_message(audio_bytes: bytes, question: str = QUESTION, fmt: str = "wav"
     ]
 
 
-def sampled_body() -> dict:
-    """transformers' server extensions: a generation config (JSON) and a seed."""
-    return {"generation_config": json.dumps({**SAMPLING, "max_new_tokens": MAX_TOKENS}), "seed": SEED}
-
-
-def assert_streamed_answer(streamed: str, answer: str) -> None:
-    """
-    The streamed text equals the answer, except that a stream stopped by the token limit in the middle of a UTF-8
-    character ends before it: transformers' streamer (tokenizers' DecodeStream) holds an incomplete byte sequence
-    back and does not flush it at the end, where a whole decode shows it as U+FFFD.
-    """
-    if streamed != answer:
-        assert answer.endswith("\ufffd") and streamed == answer[:-1], (streamed, answer)
+def streamed(chunks) -> tuple[str, list[str], str | None]:
+    """(text, its deltas, finish reason) of choice 0 of a stream."""
+    deltas, reason = [], None
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                deltas.append(choice.delta.content)
+            reason = choice.finish_reason or reason
+    return "".join(deltas), deltas, reason
 
 
 def test_answer_equals_pipeline_non_streaming_and_streaming(server, client, pipeline_answers):
     fixture, _, _ = server
     model = str(fixture.repo)
+    sampling = dict(temperature=TEMPERATURE, top_p=TOP_P, seed=SEED, max_tokens=MAX_TOKENS)
     for index in range(2):
         messages = audio_message(fixture.wav(index).read_bytes())
         greedy = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
         assert greedy.choices[0].message.content == pipeline_answers[index, "greedy"]
         assert greedy.usage.completion_tokens == MAX_TOKENS
-        sampled = client.chat.completions.create(model=model, messages=messages, extra_body=sampled_body())
+        assert greedy.choices[0].finish_reason == "length"
+        sampled = client.chat.completions.create(model=model, messages=messages, **sampling)
         assert sampled.choices[0].message.content == pipeline_answers[index, "sampled"]
 
-        chunks = client.chat.completions.create(model=model, messages=messages, stream=True, extra_body=sampled_body())
-        deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-        assert_streamed_answer("".join(deltas), pipeline_answers[index, "sampled"])
+        chunks = client.chat.completions.create(model=model, messages=messages, stream=True, **sampling)
+        text, deltas, reason = streamed(chunks)
+        assert text == pipeline_answers[index, "sampled"]
         assert len(deltas) > 1  # streamed piece by piece, not in one block
+        assert reason == "length"
+
+
+def test_temperature_samples_and_the_default_is_openais(server, client, pipe, pipeline_answers):
+    """temperature > 0 samples (OpenAI's default is 1.0 with top_p 1.0); the same seed gives the same answer."""
+    fixture, _, _ = server
+    model = str(fixture.repo)
+    messages = audio_message(fixture.wav(0).read_bytes())
+    default = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, seed=SEED)
+    expected = pipeline_answer(pipe, fixture.wav(0), seed=SEED, do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    assert default.choices[0].message.content == expected
+    assert expected != pipeline_answers[0, "greedy"]  # sampling, not greedy
+
+
+def test_n_choices(server, client, pipe, pipeline_answers):
+    fixture, _, _ = server
+    model = str(fixture.repo)
+    messages = audio_message(fixture.wav(1).read_bytes())
+    sampled = client.chat.completions.create(
+        model=model, messages=messages, n=3, temperature=TEMPERATURE, top_p=TOP_P, seed=SEED, max_tokens=MAX_TOKENS
+    )
+    torch.manual_seed(SEED)
+    expected = pipe(audio=str(fixture.wav(1)), text=QUESTION, max_new_tokens=MAX_TOKENS, num_return_sequences=3,
+                    **SAMPLING)  # fmt: skip
+    assert [c.message.content for c in sampled.choices] == [e["generated_text"] for e in expected]
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert len({c.message.content for c in sampled.choices}) > 1
+    greedy = client.chat.completions.create(model=model, messages=messages, n=2, temperature=0, max_tokens=MAX_TOKENS)
+    assert [c.message.content for c in greedy.choices] == [pipeline_answers[1, "greedy"]] * 2
+    assert greedy.usage.completion_tokens == 2 * MAX_TOKENS
+
+
+def test_stop_strings_streamed_and_not(server, client, pipeline_answers):
+    fixture, _, _ = server
+    model = str(fixture.repo)
+    answer = pipeline_answers[1, "sampled"]
+    # A stop string from the middle of the known answer: the answer ends before its first occurrence.
+    stop = answer[len(answer) // 2 : len(answer) // 2 + 3]
+    expected = answer[: answer.index(stop)]
+    assert 0 < len(expected) < len(answer)
+    messages = audio_message(fixture.wav(1).read_bytes())
+    sampling = dict(temperature=TEMPERATURE, top_p=TOP_P, seed=SEED, max_tokens=MAX_TOKENS)
+    whole = client.chat.completions.create(model=model, messages=messages, stop=[stop, "never-there"], **sampling)
+    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(model=model, messages=messages, stop=stop, stream=True, **sampling)
+    text, _, reason = streamed(chunks)
+    assert (text, reason) == (expected, "stop")
+
+
+def test_max_completion_tokens_and_usage_in_the_stream(server, client, pipeline_answers):
+    fixture, _, _ = server
+    model = str(fixture.repo)
+    messages = audio_message(fixture.wav(0).read_bytes())
+    short = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=4, temperature=0)
+    assert short.usage.completion_tokens == 4
+    assert pipeline_answers[0, "greedy"].startswith(short.choices[0].message.content)
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=messages, max_tokens=4, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].choices == []
+
+
+def test_seed_gives_the_same_answer_whatever_runs_concurrently(server, client, pipeline_answers):
+    fixture, _, _ = server
+    model = str(fixture.repo)
+
+    def ask(job):
+        index, kind = job
+        messages = audio_message(fixture.wav(index).read_bytes())
+        if kind == "greedy":
+            extra = dict(temperature=0)
+        elif kind == "unseeded":
+            extra = dict(temperature=TEMPERATURE, top_p=TOP_P)
+        else:
+            extra = dict(temperature=TEMPERATURE, top_p=TOP_P, seed=SEED)
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, **extra)
+
+    jobs = [(i % 2, kind) for i, kind in enumerate(["seeded", "greedy", "unseeded", "seeded"] * 3)]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (index, kind), answer in zip(jobs, answers):
+        if kind in ("seeded", "greedy"):
+            assert (
+                answer.choices[0].message.content == pipeline_answers[index, "sampled" if kind == "seeded" else kind]
+            )
+        assert answer.usage.completion_tokens == MAX_TOKENS
 
 
 def test_bad_audio_is_a_400_with_the_reason_and_the_server_keeps_serving(server, client, pipeline_answers):
@@ -141,6 +237,58 @@ def test_bad_audio_is_a_400_with_the_reason_and_the_server_keeps_serving(server,
     assert after.choices[0].message.content == pipeline_answers[0, "greedy"]
 
 
+def test_a_question_over_the_prompt_limit_is_refused_not_cut(server, client):
+    fixture, _, _ = server
+    messages = audio_message(fixture.wav(0).read_bytes(), question="what " * 600)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=str(fixture.repo), messages=messages, max_tokens=2)
+    assert "AF2 takes at most 512" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 5000}, "max_tokens"),
+        ({"max_tokens": 4, "max_completion_tokens": 5}, "max_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": -1}, "seed"),
+        ({"extra_body": {"generation_config": "{}"}}, "generation_config"),
+        ({"extra_body": {"top_k": 5}}, "top_k"),
+    ],
+)
+def test_unsupported_or_invalid_fields_are_400s_naming_the_field(server, client, fields, named):
+    fixture, _, _ = server
+    messages = audio_message(fixture.wav(0).read_bytes())
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=str(fixture.repo), messages=messages, **fields)
+    assert caught.value.status_code == 400
+    assert named in caught.value.message
+    assert caught.value.body["param"] == named
+
+
+def test_routes_it_does_not_offer_are_404s_naming_those_it_does(server, client):
+    fixture, _, _ = server
+    wav = fixture.wav(0)
+    for call in (
+        lambda: client.responses.create(model=str(fixture.repo), input="hi"),
+        lambda: client.completions.create(model=str(fixture.repo), prompt="hi"),
+        lambda: client.audio.transcriptions.create(model=str(fixture.repo), file=wav.open("rb")),
+    ):
+        with pytest.raises(openai.NotFoundError) as caught:
+            call()
+        assert "POST /v1/chat/completions" in caught.value.message
+    assert [m.id for m in client.models.list()] == [str(fixture.repo)]
+
+
 def test_concurrent_requests_all_answer(server, client, pipeline_answers):
     fixture, _, _ = server
     model = str(fixture.repo)
@@ -150,8 +298,7 @@ def test_concurrent_requests_all_answer(server, client, pipeline_answers):
         kwargs = dict(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
         if not stream:
             return client.chat.completions.create(**kwargs).choices[0].message.content
-        chunks = client.chat.completions.create(stream=True, **kwargs)
-        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return streamed(client.chat.completions.create(stream=True, **kwargs))[0]
 
     jobs = [(index % 2, index % 3 == 0) for index in range(6)]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
@@ -162,9 +309,9 @@ def test_concurrent_requests_all_answer(server, client, pipeline_answers):
 def test_the_model_name_given_to_serve_is_accepted_and_others_are_refused(server, client):
     fixture, _, _ = server
     messages = audio_message(fixture.wav(0).read_bytes())
-    with pytest.raises(openai.BadRequestError) as caught:
+    with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="some-other-model", messages=messages, max_tokens=2)
-    assert "pinned" in caught.value.message
+    assert "is not served here" in caught.value.message
 
 
 def test_bnb_8bit_quantization(converted_fixture, tmp_path):
@@ -181,22 +328,18 @@ def test_bnb_8bit_quantization(converted_fixture, tmp_path):
     ]
     assert unquantized == ["lm_head"]
     pipe = pipeline("audio-text-to-text", model=model, processor=AutoProcessor.from_pretrained(converted_fixture.repo))
-    torch.manual_seed(SEED)
-    expected = pipe(audio=str(converted_fixture.wav(0)), text=QUESTION, max_new_tokens=MAX_TOKENS, **SAMPLING)[0][
-        "generated_text"
-    ]
+    expected = pipeline_answer(pipe, converted_fixture.wav(0), seed=SEED, **SAMPLING)
 
     with running_server(converted_fixture.repo, tmp_path / "server.log", "--quantization", "bnb-8bit") as (url, _):
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
         messages = audio_message(converted_fixture.wav(0).read_bytes())
-        answer = client.chat.completions.create(
-            model=str(converted_fixture.repo), messages=messages, extra_body=sampled_body()
-        )
+        sampling = dict(temperature=TEMPERATURE, top_p=TOP_P, seed=SEED, max_tokens=MAX_TOKENS)
+        answer = client.chat.completions.create(model=str(converted_fixture.repo), messages=messages, **sampling)
         assert answer.choices[0].message.content == expected
         chunks = client.chat.completions.create(
-            model=str(converted_fixture.repo), messages=messages, stream=True, extra_body=sampled_body()
+            model=str(converted_fixture.repo), messages=messages, stream=True, **sampling
         )
-        assert_streamed_answer("".join(c.choices[0].delta.content or "" for c in chunks if c.choices), expected)
+        assert streamed(chunks)[0] == expected
 
 
 def test_original_layout_checkpoints_are_served_from_their_converted_copy(converted_fixture, monkeypatch, tmp_path):
