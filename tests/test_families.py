@@ -215,35 +215,6 @@ def test_af2_train_refuses_other_families_naming_what_is_missing(model_type, tmp
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # refused before any work
 
 
-def test_answer_requests_groups_a_servers_queue_and_keeps_each_answer(tiny, clips):
-    """A server's queue with mixed settings and audio forms: every answer equals its one-at-a-time answer."""
-    from transformers_af2.families import answer_requests
-
-    _, model, processor = tiny
-    waveform, rate = sf.read(clips[2], dtype="float32")
-    requests = [
-        ("Describe the audio.", str(clips[0]), {"max_new_tokens": NEW_TOKENS, "do_sample": False}),
-        ("What is the sound?", (waveform, rate), {"max_new_tokens": NEW_TOKENS, "do_sample": False}),
-        (
-            "Name it.",
-            family_for(model, processor).encode_audio(str(clips[1])),
-            {"max_new_tokens": 3, "do_sample": False},
-        ),
-        ("What is the sound?", str(clips[3]), {"max_new_tokens": NEW_TOKENS, "do_sample": False}),
-    ]
-    answers = answer_requests(model, processor, requests, batch_size=2)
-    expected = [
-        _reference_answer(model, processor, requests[0][0], clips[0])[0],
-        _reference_answer(model, processor, requests[1][0], clips[2])[0],
-        _reference_answer(model, processor, requests[2][0], clips[1], max_new_tokens=3)[0],
-        _reference_answer(model, processor, requests[3][0], clips[3])[0],
-    ]
-    assert answers == expected
-    assert answers[2] != _reference_answer(model, processor, requests[2][0], clips[1])[0]  # its own, shorter limit
-    with pytest.raises(ValueError, match="cannot decode this audio"):  # what a server answers with 400
-        family_for(model, processor).encode_audio(b"RIFF not a wav")
-
-
 def test_af2_generate_points_other_families_to_the_commands_that_take_them(tmp_path, capsys):
     folder = tmp_path / "mf"
     folder.mkdir()

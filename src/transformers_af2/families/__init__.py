@@ -66,45 +66,24 @@ def family_for(model, processor) -> ModelFamily:
     return family_class(model.config.model_type, f"model {model.name_or_path or type(model).__name__}")(processor)
 
 
-def load_model_and_processor(model_id: str, device=None, dtype=None, original_config: str | None = None):
+def load_model_and_processor(
+    model_id: str, device=None, dtype=None, original_config: str | None = None, **from_pretrained_options
+):
     """
     `(model, processor)` of any supported checkpoint: AF2 (converted, or original-layout hub id or directory,
     converted on first use and cached), Audio Flamingo 3, Music Flamingo; the family comes from `config.json`.
-    The model is in eval mode on `device`.
+    The model is in eval mode on `device`; `from_pretrained_options` go to `from_pretrained` (a `device_map` there
+    places the weights while loading, as quantized weights must be).
     """
     looks_local = os.path.isabs(model_id) or model_id.startswith((".", "~")) or os.path.exists(model_id)
     if looks_local and not os.path.isdir(os.path.expanduser(model_id)):
         raise FileNotFoundError(f"model {model_id}: no such directory.")
     model_id = os.path.expanduser(model_id)
-    model, processor = detect_family(model_id).load(model_id, dtype=dtype, original_config=original_config)
-    if device is not None:
+    family = detect_family(model_id)
+    model, processor = family.load(model_id, dtype=dtype, original_config=original_config, **from_pretrained_options)
+    if device is not None and "device_map" not in from_pretrained_options:
         model.to(device)
     return model, processor
-
-
-def answer_requests(model, processor, requests, batch_size: int = 8) -> list[str]:
-    """
-    Answers for a server's queue: `requests` is a list of `(question, audio, settings)` (audio: a path, encoded bytes,
-    `(waveform, sampling_rate)`, or the `EncodedAudio` of `family.encode_audio`, which a server can compute when it
-    admits a request so that unreadable audio is refused then; settings: `generate` arguments such as
-    `max_new_tokens`, `do_sample`). Requests
-    with equal settings and sampling rate are generated together, `batch_size` at a time, through the model's family;
-    each answer equals the request's one-at-a-time answer under greedy decoding. Answers come back in request order.
-    """
-    family = family_for(model, processor)
-    groups: dict[tuple, list[int]] = {}
-    for index, (_, audio, settings) in enumerate(requests):
-        rate = audio[1] if isinstance(audio, tuple) else None
-        groups.setdefault((rate, tuple(sorted(settings.items()))), []).append(index)
-    answers: list[str | None] = [None] * len(requests)
-    for (rate, settings), indices in groups.items():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            questions = [requests[i][0] for i in chunk]
-            audios = [requests[i][1][0] if rate is not None else requests[i][1] for i in chunk]
-            for index, answer in zip(chunk, family.answer(model, questions, audios, dict(settings), rate)):
-                answers[index] = answer
-    return answers
 
 
 __all__ = [
@@ -115,7 +94,6 @@ __all__ = [
     "EvalPrompt",
     "ModelFamily",
     "MusicFlamingoFamily",
-    "answer_requests",
     "decode_mono",
     "detect_family",
     "family_class",

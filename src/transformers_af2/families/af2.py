@@ -25,7 +25,7 @@ class AudioFlamingo2Family(ModelFamily):
     eval_prompts = {}
 
     @classmethod
-    def load(cls, model_id: str, dtype=None, original_config: str | None = None):
+    def load(cls, model_id: str, dtype=None, original_config: str | None = None, **from_pretrained_options):
         """A converted repository (local or hub) or an original-layout checkpoint (hub id or directory; converted on
         first use and cached, see `transformers_af2.hub_ids`). `original_config`: the original inference YAML, for
         original-layout directories that lack one."""
@@ -41,7 +41,9 @@ class AudioFlamingo2Family(ModelFamily):
                 )
             model_id = str(cached_conversion(model_id, config=original_config))
         # An original-layout id is converted (once, cached) by these calls themselves: see transformers_af2.hub_ids.
-        model = AudioFlamingo2ForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+        model = AudioFlamingo2ForConditionalGeneration.from_pretrained(
+            model_id, dtype=dtype, **from_pretrained_options
+        )
         return model.eval(), AutoProcessor.from_pretrained(model_id)
 
     @property
@@ -109,6 +111,14 @@ class AudioFlamingo2Family(ModelFamily):
                     raise ValueError(
                         f"prompt {prompt!r} holds {count} <audio> tokens; AF2 takes exactly one per prompt."
                     )
+
+    def prompt_overflow(self, question: str) -> str | None:
+        # The processor keeps the first max_prompt_length tokens of a longer prompt, as the original did.
+        processor = self.processor
+        length = len(processor.tokenizer(processor.build_prompt(question))["input_ids"])
+        if length > processor.max_prompt_length:
+            return f"the prompt is {length} tokens; AF2 takes at most {processor.max_prompt_length}"
+        return None
 
     def batch_inputs(self, questions: Sequence[str], clips: Sequence[EncodedAudio]) -> BatchFeature:
         """The processor's text batch (left-padded) with the clips' windows padded as the feature extractor does:

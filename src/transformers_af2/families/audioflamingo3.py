@@ -74,12 +74,12 @@ class AudioFlamingo3Family(ModelFamily):
         return AudioFlamingo3ForConditionalGeneration
 
     @classmethod
-    def load(cls, model_id: str, dtype=None, original_config: str | None = None):
+    def load(cls, model_id: str, dtype=None, original_config: str | None = None, **from_pretrained_options):
         from transformers import AutoProcessor
 
         if original_config is not None:
             raise ValueError(f"--config is for original-layout AF2 checkpoints; {model_id} is {cls.display_name}.")
-        model = cls.model_class().from_pretrained(model_id, dtype=dtype)
+        model = cls.model_class().from_pretrained(model_id, dtype=dtype, **from_pretrained_options)
         return model.eval(), AutoProcessor.from_pretrained(model_id)
 
     # -- what the model hears --------------------------------------------------------------------------------------

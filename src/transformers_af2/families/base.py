@@ -74,8 +74,9 @@ class ModelFamily:
 
     # -- loading ---------------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, model_id: str, dtype=None, original_config: str | None = None):
-        """`(model, processor)` of a checkpoint of this family (model in eval mode, on the CPU)."""
+    def load(cls, model_id: str, dtype=None, original_config: str | None = None, **from_pretrained_options):
+        """`(model, processor)` of a checkpoint of this family (model in eval mode, on the CPU unless
+        `from_pretrained_options` place it: `device_map`, `quantization_config`, `attn_implementation`, ...)."""
         raise NotImplementedError
 
     # -- what the model hears --------------------------------------------------------------------------------------
@@ -117,6 +118,11 @@ class ModelFamily:
 
     def check_questions(self, questions: Sequence[str]) -> None:
         """Raises `ValueError` naming a question the family cannot ask (checked once, before a run)."""
+
+    def prompt_overflow(self, question: str) -> str | None:
+        """Why `question` is longer than the family's processor takes without cutting it (a server refuses it rather
+        than answer a cut question), or None."""
+        return None
 
     def batch_inputs(self, questions: Sequence[str], clips: Sequence[EncodedAudio]):
         """The model inputs (a `BatchFeature` on the CPU, text left-padded) of `questions[i]` about `clips[i]`."""

@@ -51,16 +51,14 @@ def resolve_model_path(model: str, original_config: str | None = None) -> str:
 
 def load_served_model(path: str, device: str = "auto", dtype: str = "auto", quantization: str | None = None,
                       attn_implementation: str | None = None):  # fmt: skip
-    """`(model, processor)` of a converted repository, placed on `device` in `dtype` (or quantized with
-    bitsandbytes: `"bnb-8bit"` / `"bnb-4bit"`), in eval mode."""
-    from transformers import AutoProcessor
-
+    """`(model, processor)` of a checkpoint of any family (`transformers_af2.families`), placed on `device` in `dtype`
+    (or quantized with bitsandbytes: `"bnb-8bit"` / `"bnb-4bit"`), in eval mode."""
     from ..cli import _resolve_device
-    from ..modeling import AudioFlamingo2ForConditionalGeneration
+    from ..families import load_model_and_processor
     from ..utils import parse_dtype
 
     place = _resolve_device(device)
-    options = {"dtype": parse_dtype(dtype, place)}
+    options = {}
     if attn_implementation:
         options["attn_implementation"] = attn_implementation
     if quantization:
@@ -68,10 +66,7 @@ def load_served_model(path: str, device: str = "auto", dtype: str = "auto", quan
 
         bits = {"bnb-8bit": {"load_in_8bit": True}, "bnb-4bit": {"load_in_4bit": True}}[quantization]
         options.update(quantization_config=BitsAndBytesConfig(**bits), device_map=str(place))
-    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(path, **options)
-    if not quantization:
-        model.to(place)
-    return model.eval(), AutoProcessor.from_pretrained(path)
+    return load_model_and_processor(path, device=place, dtype=parse_dtype(dtype, place), **options)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..audio_sources import HOW_TO_SEND_AUDIO, AudioSourceError, AudioSourcePolicy, audio_bytes_from_content_item
+from ..families import EncodedAudio, ModelFamily
 from .chat_request import ChatRequest, Limits, RequestError, parse_chat_request
 from .scheduler import BatchScheduler, Job, QueueFull
 
@@ -57,54 +58,53 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-def model_inputs_for(chat: ChatRequest, processor, policy: AudioSourcePolicy) -> tuple[str, object, int]:
+def model_inputs_for(
+    chat: ChatRequest, family: ModelFamily, policy: AudioSourcePolicy
+) -> tuple[str, EncodedAudio, int]:
     """
-    `(prompt, audio windows (windows, frames, mels), prompt tokens)` for a checked request: its audio read under
-    `policy` (never a server path), the messages rendered by the processor's chat template, as the pipeline renders
-    them. Blocking (audio decoding, an allowed URL fetch): run it in a worker thread. `RequestError` for any problem
-    with the request's content.
+    `(question, audio read by the model family's front end, prompt tokens)` for a checked request: its audio read
+    under `policy` (never a server path). The question becomes the family's prompt in the batch, as
+    `af2 caption` and the pipeline build it. Blocking (audio decoding, an allowed URL fetch): run it in a worker
+    thread. `RequestError` for any problem with the request's content.
     """
-    conversation = []
-    for index, message in enumerate(chat.messages):
-        content = message["content"]
-        if isinstance(content, list):
-            items = []
-            for position, item in enumerate(content):
-                where = f"messages[{index}].content[{position}]"
-                if item["type"] == "text":
-                    items.append({"type": "text", "text": item.get("text")})
-                else:
-                    try:
-                        items.append({"type": "audio", "audio": audio_bytes_from_content_item(item, policy, where)})
-                    except AudioSourceError as error:
-                        raise RequestError(str(error), "messages") from None
-            content = items
-        conversation.append({"role": message["role"], "content": content})
-    audios = [item["audio"] for m in conversation if isinstance(m["content"], list) for item in m["content"]
-              if item["type"] == "audio"]  # fmt: skip
-    if len(audios) != 1:
+    name = family.display_name
+    if len(chat.messages) != 1 or chat.messages[0]["role"] != "user":
+        roles = [message["role"] for message in chat.messages]
         raise RequestError(
-            f"the messages hold {len(audios)} audio items; AF2 answers about exactly one audio: {HOW_TO_SEND_AUDIO}.",
+            f"the messages have roles {roles}; {name} answers one user message holding the audio and the question "
+            "(no system prompt, earlier turns or assistant prefix).",
             "messages",
         )
+    content = chat.messages[0]["content"]
+    texts, audios = [], []
+    for position, item in enumerate([{"type": "text", "text": content}] if isinstance(content, str) else content):
+        if item["type"] == "text":
+            texts.append(item.get("text"))
+            continue
+        try:
+            audios.append(audio_bytes_from_content_item(item, policy, f"messages[0].content[{position}]"))
+        except AudioSourceError as error:
+            raise RequestError(str(error), "messages") from None
+    if len(audios) != 1:
+        raise RequestError(
+            f"the messages hold {len(audios)} audio items; {name} answers about exactly one audio: {HOW_TO_SEND_AUDIO}.",
+            "messages",
+        )
+    if len(texts) != 1 or not isinstance(texts[0], str):
+        raise RequestError(f"the message holds {len(texts)} text items; send exactly one question.", "messages")
+    question = texts[0]
     try:
-        prefill = conversation[-1]["role"] == "assistant"
-        prompt = processor.apply_chat_template(conversation, continue_final_message=prefill)
-        # The processor would cut a longer prompt with a warning in the server's log only; the client is told.
-        prompt_tokens = len(processor.tokenizer(prompt)["input_ids"])
-        if prompt_tokens > processor.max_prompt_length:
-            raise RequestError(
-                f"the prompt is {prompt_tokens} tokens; AF2 takes at most {processor.max_prompt_length}: shorten the "
-                "question.",
-                "messages",
-            )
-        features = processor.feature_extractor(audios, return_tensors="pt")
+        family.check_questions([question])
+        overflow = family.prompt_overflow(question)
+        if overflow is not None:  # the processor would cut it, with a warning in the server's log only
+            raise RequestError(f"{overflow}: shorten the question.", "messages")
+        clip = family.encode_audio(audios[0])
+        prompt_tokens = int(family.batch_inputs([question], [clip])["attention_mask"].sum())
     except (ValueError, TypeError) as error:  # the processor's and the front end's messages name the problem
         if isinstance(error, RequestError):
             raise
         raise RequestError(" ".join(str(error).split()) or type(error).__name__, "messages") from None
-    windows = int(features["input_features_mask"][0].sum())
-    return prompt, features["input_features"][0, :windows], prompt_tokens
+    return question, clip, prompt_tokens
 
 
 async def _read_json(request, limit: int):
@@ -201,8 +201,8 @@ def build_app(
         scheduler.check_capacity()  # before reading the audio: a full server refuses at once
         deadline = time.monotonic() + settings.request_timeout
         limiter = downloads if settings.audio.allow_urls and _names_a_url(chat) else None
-        prompt, features, prompt_tokens = await anyio.to_thread.run_sync(
-            model_inputs_for, chat, processor, settings.audio, limiter=limiter
+        question, clip, prompt_tokens = await anyio.to_thread.run_sync(
+            model_inputs_for, chat, scheduler.family, settings.audio, limiter=limiter
         )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -211,7 +211,7 @@ def build_app(
             with contextlib.suppress(RuntimeError):  # a closed loop: the server is stopping
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(chat, prompt, features, prompt_tokens, deliver, deadline)
+        job = Job(chat, question, clip, prompt_tokens, deliver, deadline)
         scheduler.submit(job)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -12,9 +12,10 @@ A batch is what is waiting when the previous one ends (requests that arrive duri
 When more compatible requests wait than a batch holds, the batch is the group of similar audio length (as `af2
 caption` groups clips) that contains the oldest request, so no request waits behind newer ones for ever.
 
-Batches are built by `caption.engine.BatchGenerator.inputs` (the processor's left-padded prompts, the audio windows
-padded with silence and masked) and decoded as the pipeline does (`processor.decode_answers`: the text after `<SEP>`,
-stripped), so answers equal `pipeline("audio-text-to-text")`'s.
+Batches are built by `caption.engine.BatchGenerator.inputs` through the model's family (`transformers_af2.families`:
+AF2's processor prompt, or AF3 / Music Flamingo's chat template; left-padded, each clip's audio masked) and decoded by
+the family (AF2: the text after `<SEP>`, stripped, as the pipeline does; AF3 / MF: the answer without its thinking),
+so answers equal `af2 caption`'s and, for AF2, `pipeline("audio-text-to-text")`'s.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..caption.engine import BatchGenerator, length_grouped_batches
+from ..families import EncodedAudio, family_for
 from ..generation_utils import with_non_finite_check
 from .chat_request import ChatRequest, RequestError
 
@@ -53,8 +55,8 @@ class Job:
     """
 
     request: ChatRequest
-    prompt: str
-    features: torch.Tensor
+    question: str
+    clip: EncodedAudio  # the audio as the model family's front end read it
     prompt_tokens: int
     deliver: Callable
     deadline: float
@@ -63,7 +65,7 @@ class Job:
 
     @property
     def windows(self) -> int:
-        return self.features.shape[0]
+        return self.clip.windows
 
     @property
     def batch_key(self):
@@ -102,10 +104,10 @@ class BatchProgress(StoppingCriteria):
     its request's stop strings, at its own `max_tokens`, or when its client left or its time ran out.
     """
 
-    def __init__(self, rows: list[_Row], prompt_length: int, processor, eos_token_ids: list[int]):
+    def __init__(self, rows: list[_Row], prompt_length: int, decode_answers: Callable, eos_token_ids: list[int]):
         self.rows = rows
         self.prompt_length = prompt_length
-        self.processor = processor
+        self.decode_answers = decode_answers  # the model family's: generated ids -> answer texts
         self.eos_token_ids = set(eos_token_ids)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
@@ -118,7 +120,7 @@ class BatchProgress(StoppingCriteria):
 
     def _advance(self, row: _Row) -> None:
         request = row.job.request
-        row.text = self.processor.decode_answers([row.tokens])[0]
+        row.text = self.decode_answers([row.tokens])[0]
         cut = min((i for i in (row.text.find(stop) for stop in request.stop) if i >= 0), default=-1)
         if cut >= 0:
             row.text, row.finish_reason = row.text[:cut], "stop"
@@ -180,6 +182,11 @@ class BatchProgress(StoppingCriteria):
         return outcomes
 
 
+def _generator_for(model, processor) -> BatchGenerator:
+    """The batched generation of `af2 caption`, with the model family's stop tokens."""
+    return BatchGenerator(model, processor, family_for(model, processor).stop_kwargs(model))
+
+
 class BatchScheduler:
     """
     Owns the model on one thread. `submit(job)` queues a job (QueueFull beyond `max_queue` waiting jobs); the
@@ -189,7 +196,7 @@ class BatchScheduler:
     def __init__(self, model, processor, max_batch_size: int = 8, max_queue: int = 64):
         self.model = model
         self.processor = processor
-        self.generator = BatchGenerator(model, processor, {})
+        self.generator = _generator_for(model, processor)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._waiting: collections.deque[Job] = collections.deque()
@@ -228,6 +235,11 @@ class BatchScheduler:
             return {"waiting": len(self._waiting), "running": self._running, **self.outcomes, "batch_sizes": sizes}
 
     @property
+    def family(self):
+        """The served model's family (None while unloaded): how a request's question and audio become inputs."""
+        return self.generator.family if self.generator is not None else None
+
+    @property
     def loaded(self) -> bool:
         return self.model is not None
 
@@ -237,7 +249,7 @@ class BatchScheduler:
 
         with self._model_lock:
             self.model, self.processor = model, processor
-            self.generator = BatchGenerator(model, processor, {}) if model is not None else None
+            self.generator = _generator_for(model, processor) if model is not None else None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -321,14 +333,16 @@ class BatchScheduler:
     def _generate(self, jobs: list[Job]) -> None:
         first = jobs[0].request
         sampled_choices = 1 if first.greedy else first.n
-        inputs = self.generator.inputs([job.prompt for job in jobs], [job.features for job in jobs])
+        inputs = self.generator.inputs([job.question for job in jobs], [job.clip for job in jobs])
         rows = []
         for job in jobs:
             if job.request.greedy:  # n equal answers: generated once
                 rows.append(_Row(job, list(range(job.request.n))))
             else:
                 rows.extend(_Row(job, [choice]) for choice in range(sampled_choices))
-        progress = BatchProgress(rows, inputs["input_ids"].shape[1], self.processor, self.generator.eos_token_ids)
+        progress = BatchProgress(
+            rows, inputs["input_ids"].shape[1], self.generator.family.decode_answers, self.generator.eos_token_ids
+        )
         with self._condition:
             self.batch_sizes[len(jobs)] += 1
         names = [f"request {index}" for index in range(len(jobs))]
@@ -336,7 +350,7 @@ class BatchScheduler:
             torch.manual_seed(first.seed)  # this job runs alone (see Job.batch_key)
         self.model.generate(
             **inputs,
-            **first.generate_kwargs(),
+            **{**self.generator.generate_kwargs, **first.generate_kwargs()},
             max_new_tokens=max(job.request.max_tokens for job in jobs),
             num_return_sequences=sampled_choices,
             stopping_criteria=StoppingCriteriaList([progress]),
