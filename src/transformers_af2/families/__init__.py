@@ -5,7 +5,6 @@ The model families the shared commands run: Audio Flamingo 2, Audio Flamingo 3 a
     model, processor = load_model_and_processor("nvidia/audio-flamingo-3-hf")
     family = family_for(model, processor)
     answers = family.answer(model, ["What is this sound?"], ["clip.wav"], {"max_new_tokens": 64})
-    answers = answer_requests(model, processor, [("What is this sound?", "clip.wav", {"max_new_tokens": 64})])
 
 A checkpoint's family is read from its `config.json` alone (no weights loaded); original-layout AF2 checkpoints,
 which have none, are AF2. Adding a family is one subclass with `model_types`, passed to `register`.
