@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from transformers_af2 import cli
+from transformers_af2.generation_utils import AnswerStreamer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -468,7 +469,7 @@ def test_stream_of_a_repaired_soundcot_answer_shows_both_passes(converted_fixtur
         max_new_tokens=40,
         soundcot_repair=True,
         logits_processor=LogitsProcessorList([ForceContinuations(sep, targets)]),
-        streamer=cli.AnswerStreamer(processor, out),
+        streamer=AnswerStreamer(processor, out),
     )[0]
     assert record["soundcot_repaired"]
     assert out.getvalue() == "<REASONING>Dog. Rain\n" + record["generated_text"] + "\n"

@@ -110,3 +110,15 @@ def test_pipeline_answers_on_the_installed_release(loaded, transformers_warnings
         )
     assert out[0]["generated_token_ids"].tolist() == expected
     assert [m for m in transformers_warnings if "deprecat" in m.lower()] == []
+
+
+def test_loading_fetches_no_hub_kernels(tmp_path):
+    # transformers 5.25 replaces layers with kernels from the hub at load unless told not to; AF2 loads without them
+    # through every entry point (its classes and the Auto classes), and a caller can still ask for them.
+    from transformers import AutoModel
+
+    from transformers_af2 import AudioFlamingo2ForConditionalGeneration, AudioFlamingo2Model
+
+    tiny_model().save_pretrained(tmp_path)
+    for load in (AudioFlamingo2ForConditionalGeneration, AudioFlamingo2Model, AutoModel):
+        assert load.from_pretrained(tmp_path).use_kernels is False, load

@@ -5,6 +5,8 @@ or 4-bit model) trains through the Trainer, moving the adapters only.
 with every linear a multiple of 64 wide; the head (vocabulary 99) is never quantized.
 """
 
+import logging
+
 import pytest
 import torch
 from conftest import random_audio_inputs, tiny_model
@@ -93,8 +95,14 @@ def test_load_in_8bit_quantizes_every_linear_but_the_head(saved_models):
     assert 0 < (logits - reference).abs().max().item() < 0.25 * reference.abs().max().item()
 
 
+def _float16_cast_lines(caplog) -> int:
+    return sum("to float16 during quantization" in record.getMessage() for record in caplog.records)
+
+
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
-def test_qlora_step_through_trainer_moves_only_the_adapters(saved_models, tmp_path, bits):
+def test_qlora_step_through_trainer_moves_only_the_adapters(saved_models, tmp_path, bits, caplog, monkeypatch):
+    # This test's Trainer installs bitsandbytes' once-per-message filter afresh (counted below).
+    monkeypatch.setattr(logging.getLogger("bitsandbytes.autograd._functions"), "filters", [])
     quantization, layer_class = QUANTIZATIONS[bits]
     model = AudioFlamingo2ForConditionalGeneration.from_pretrained(
         saved_models / "aligned", quantization_config=quantization
@@ -118,7 +126,9 @@ def test_qlora_step_through_trainer_moves_only_the_adapters(saved_models, tmp_pa
     repacked = (lambda param: isinstance(param, bnb.nn.Params4bit)) if bits == "4bit" else (lambda param: False)
     before = {name: param.detach().clone() for name, param in model.named_parameters() if not repacked(param)}
     states_before = {name: tensor.clone() for name, tensor in model.state_dict().items()} if bits == "8bit" else {}
+    caplog.clear()
     base_before = base_logits()
+    casts_without_trainer = _float16_cast_lines(caplog)
     trainer = AudioFlamingo2Trainer(
         model=model,
         args=TrainingArguments(
@@ -135,9 +145,12 @@ def test_qlora_step_through_trainer_moves_only_the_adapters(saved_models, tmp_pa
         data_collator=lambda rows: rows[0],
         train_dataset=[_batch(0), _batch(1)],
     )
+    caplog.clear()
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    if bits == "8bit":  # bitsandbytes' notice at every 8-bit matmul: once per run under the Trainer
+        assert casts_without_trainer >= 65 and _float16_cast_lines(caplog) == 1, casts_without_trainer
     after = dict(model.named_parameters())
     changed = {name for name in before if not torch.equal(before[name], after[name].detach())}
     assert changed and all(".lora_" in name for name in changed), sorted(n for n in changed if ".lora_" not in n)

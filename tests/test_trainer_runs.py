@@ -233,6 +233,20 @@ def test_two_processes_match_one_process(workdir, monkeypatch):
     assert one_losses[3] != one_losses[1]  # the weights moved between steps
 
 
+def test_accelerate_launch_that_starts_one_of_several_processes_is_refused_before_loading(tmp_path):
+    """`accelerate launch --num_processes 2` on a machine without GPUs starts 1 process (no --multi_gpu): refused in
+    one line naming the launch to use, before the data or the model is read (both paths here do not exist: reading
+    either would have been the error)."""
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--cpu"]
+    command += ["-m", "transformers_af2.trainer.cli", "train", "--model", str(tmp_path / "no-model")]
+    command += ["--train-file", str(tmp_path / "no-data.jsonl"), "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    ours = [line for line in done.stderr.splitlines() if line.startswith("af2 train: error:")]
+    assert done.returncode != 0 and len(ours) == 1, done.stderr[-3000:]
+    assert "accelerate started 1 process" in ours[0] and "--multi_gpu --num_processes N" in ours[0]
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LoRA: seeded, adapters only by default, continued, portable base reference
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelF
 from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
 
 from . import hub_ids
+from ._version import __version__
 from .modeling import (
     AudioFlamingo2AudioOutput,
     AudioFlamingo2Cache,
@@ -19,8 +20,6 @@ from .modeling import (
 )
 from .pipelines import AudioTextToTextPipeline, register_pipelines
 from .processing import AudioFlamingo2FeatureExtractor, AudioFlamingo2Processor
-
-__version__ = "0.1.0"
 
 AutoConfig.register(AudioFlamingo2Config.model_type, AudioFlamingo2Config, exist_ok=True)
 # Users write AutoModel.from_pretrained(...) and then generate(): both Auto classes give the generation model.
@@ -50,4 +49,5 @@ __all__ = [
     "AudioFlamingo2PreTrainedModel",
     "AudioFlamingo2Processor",
     "AudioTextToTextPipeline",
+    "__version__",
 ]

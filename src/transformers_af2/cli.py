@@ -8,8 +8,6 @@ import math
 import os
 import sys
 
-from transformers import TextStreamer
-
 from .utils import DTYPE_NAMES, parse_dtype
 
 DEFAULT_MODEL = "nvidia/audio-flamingo-2"
@@ -213,7 +211,7 @@ def _add_generate(subparsers) -> None:
 
 # -- argument types: each bad value is an argparse error naming the option, the value and what is expected ----------
 
-# numpy's generator (seeded by transformers.set_seed) takes 32-bit seeds.
+# numpy's generator (seeded by utils.set_seed) takes 32-bit seeds.
 MAX_SEED = 2**32 - 1
 
 
@@ -392,10 +390,11 @@ def _report(index: int, several: bool, audio: str, error: BaseException | str) -
 
 
 def _run_generate(args) -> int:
-    from transformers import pipeline, set_seed
+    from transformers import pipeline
 
     from .families import detect_family
     from .pipelines import TASK
+    from .utils import set_seed
 
     pairs = _pair_inputs(args.audio, args.prompt)
     if not args.do_sample and any(v is not None for v in (args.top_k, args.top_p, args.temperature)):
@@ -468,6 +467,8 @@ def _generate_kwargs(args) -> dict:
 
 def _stream_answers(pipe, processor, pairs, todo, options, errors) -> None:
     """--stream: a streamer follows one sequence, so the files go one by one."""
+    from .generation_utils import AnswerStreamer
+
     several = len(pairs) > 1
     for index in todo:
         audio, prompt = pairs[index]
@@ -498,39 +499,6 @@ def _print_json(args, pairs, answers: dict, errors: dict) -> None:
             entry["error"] = errors.get(index, "not answered")
         payload.append(entry)
     print(json.dumps(payload, ensure_ascii=False), flush=True)
-
-
-class AnswerStreamer(TextStreamer):
-    """
-    Writes the answer while it is generated: only what follows the prompt's `<SEP>` (so the prefix of a SoundCoT
-    repair pass shows too), special tokens skipped, leading whitespace dropped as in the final answer.
-    """
-
-    def __init__(self, processor, file=None):
-        super().__init__(processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self.sep_token_id = processor.sep_token_id
-        self.file = file if file is not None else sys.stdout
-        self.started = False
-
-    def put(self, value):
-        if self.next_tokens_are_prompt:
-            self.next_tokens_are_prompt = False
-            ids = value[0].tolist() if value.ndim > 1 else value.tolist()
-            after = ids[len(ids) - ids[::-1].index(self.sep_token_id) :] if self.sep_token_id in ids else []
-            if after:
-                super().put(value.new_tensor(after))
-            return
-        super().put(value)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False):
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        self.file.write(text)
-        if stream_end:
-            self.file.write("\n")
-            self.started = False
-        self.file.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -601,7 +569,26 @@ def _disable_progress_bars() -> None:
     disable_progress_bars()
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands whose parsers live in other modules, with the line `af2 --help` shows for each. Only the command being
+# run has its module imported and its parser built, so `af2 --help` or `af2 generate` import none of them, nor what
+# they import (the trainer: transformers' Trainer, peft, bitsandbytes; the demo: gradio; ...).
+_COMMANDS_ELSEWHERE = {
+    "caption": (
+        "caption or label many audio clips into a JSONL/Parquet/CSV file (resumable, data-parallel)",
+        _add_caption,
+    ),
+    "train": ("fine-tune AF2 with the transformers Trainer (stages, LoRA, any TrainingArguments option)", _add_train),
+    "eval": ("evaluate AF2 on a benchmark (MMAU, ClothoAQA, Clotho/AudioCaps captioning, classification)", _add_eval),
+    "demo": ("a web page to ask AF2 about uploaded or recorded audio (Gradio)", _add_demo),
+    "serve": ("serve AF2 over an OpenAI-style /v1/chat/completions API (audio as input_audio)", _add_serve),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """
+    The `af2` parser. `command`: the one command of `_COMMANDS_ELSEWHERE` whose full parser is built (the others get
+    their one-line help only); None builds every command's.
+    """
     parser = argparse.ArgumentParser(
         prog="af2",
         description=(
@@ -612,18 +599,25 @@ def build_parser() -> argparse.ArgumentParser:
         "traceback); `af2 generate` exits with 1 when some files got no answer (the others are printed), and Ctrl-C "
         "exits with 130.",
     )
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"af2 {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(subparsers)
     _add_convert(subparsers)
-    _add_caption(subparsers)
-    _add_train(subparsers)
-    _add_eval(subparsers)
-    _add_demo(subparsers)
-    _add_serve(subparsers)
+    for name, (summary, add_parser) in _COMMANDS_ELSEWHERE.items():
+        if command is None or command == name:
+            add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary, add_help=False)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed with only the named command's parser built (see `build_parser`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    return build_parser(command if command in _COMMANDS_ELSEWHERE else "").parse_args(argv)
 
 
 def _one_line(error: BaseException) -> str:
@@ -633,11 +627,15 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        # Building the parser imports the trainer's command (and its dependencies): still part of starting up.
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
     except KeyboardInterrupt:
         print("af2: interrupted", file=sys.stderr)
         return 130
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs a parsed command: errors in one line (exit status 2), Ctrl-C as exit status 130."""
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -4,6 +4,10 @@ transformers 5.24 renamed the self-attention cache from `past_key_values` to `ca
 the field of every `ModelOutput` and the key `generate()` keeps in its model kwargs. The language model AF2 is built
 on (Qwen2) says which name the installed release uses, so this package follows it instead of pinning one spelling.
 When the supported range no longer includes a release before 5.24, `CACHE_KWARG` is simply `"cache"`.
+
+transformers 5.25 turned hub kernels on by default in `from_pretrained` (with the `kernels` package, which it requires,
+layers are replaced by code downloaded from the Hugging Face Hub at load). AF2 loads with `LOADING_DEFAULTS` on every
+release, so loading a checkpoint fetches and runs no code from elsewhere; `use_kernels=True` still opts in.
 """
 
 import inspect
@@ -16,6 +20,9 @@ logger = logging.get_logger(__name__)
 #: The name of the self-attention cache argument and output field in the installed transformers.
 CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
 _OLD_CACHE_KWARG = "past_key_values"
+
+#: `from_pretrained` keyword arguments AF2's model classes default to (a caller's own value wins).
+LOADING_DEFAULTS = {"use_kernels": False}
 
 
 def pop_cache(kwargs: dict):
@@ -37,4 +44,4 @@ def pop_cache(kwargs: dict):
     return cache
 
 
-__all__ = ["CACHE_KWARG", "pop_cache"]
+__all__ = ["CACHE_KWARG", "LOADING_DEFAULTS", "pop_cache"]

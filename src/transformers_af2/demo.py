@@ -530,7 +530,13 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str | None = None, soundc
         shared = dict(concurrency_limit=1, concurrency_id="model")
         audio.change(show_clip, inputs=[audio], outputs=[view, clip_info], api_name="show_clip", **shared)
         inputs = [audio, question, decoding, max_new_tokens, top_k, top_p, temperature, seed, soundcot]
-        ask.click(answer, inputs=inputs, outputs=[answer_box], api_name="answer", **shared)
+        # Ask is disabled while its answer is generated and enabled again however that ends (Gradio's page runs
+        # `.then` only after a success, `.failure` after an error): one question at a time per visitor, and the page
+        # shows when an answer is complete.
+        asking = ask.click(lambda: gr.Button(interactive=False), outputs=[ask], api_name=False, queue=False)
+        asking = asking.then(answer, inputs=inputs, outputs=[answer_box], api_name="answer", **shared)
+        for after in (asking.then, asking.failure):
+            after(lambda: gr.Button(interactive=True), outputs=[ask], api_name=False, queue=False)
         question.submit(answer, inputs=inputs, outputs=[answer_box], api_name=False, **shared)
     demo.queue(max_size=64)
     return demo

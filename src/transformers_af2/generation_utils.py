@@ -13,10 +13,11 @@ Generation safeguards for AF2, built from transformers' own parts.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Sequence
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TextStreamer
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -127,7 +128,41 @@ def through_first_eos(rows: list[list[int]], eos_token_id) -> list[list[int]]:
     return [row[: next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))] for row in rows]
 
 
+class AnswerStreamer(TextStreamer):
+    """
+    Writes the answer while it is generated: only what follows the prompt's `<SEP>` (so the prefix of a SoundCoT
+    repair pass shows too), special tokens skipped, leading whitespace dropped as in the final answer.
+    """
+
+    def __init__(self, processor, file=None):
+        super().__init__(processor.tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.sep_token_id = processor.sep_token_id
+        self.file = file if file is not None else sys.stdout
+        self.started = False
+
+    def put(self, value):
+        if self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            ids = value[0].tolist() if value.ndim > 1 else value.tolist()
+            after = ids[len(ids) - ids[::-1].index(self.sep_token_id) :] if self.sep_token_id in ids else []
+            if after:
+                super().put(value.new_tensor(after))
+            return
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        self.file.write(text)
+        if stream_end:
+            self.file.write("\n")
+            self.started = False
+        self.file.flush()
+
+
 __all__ = [
+    "AnswerStreamer",
     "NonFiniteLogitsCheck",
     "NonFiniteLogitsError",
     "generate_kwargs_honouring_max_length",

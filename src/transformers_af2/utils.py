@@ -1,18 +1,21 @@
 """Small helpers shared by the command line, the converter, the model and the benchmarks: dtype names, finite
-weights."""
+weights. Importing it does not import torch (the command line reads the dtype names before it needs torch)."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-# The dtypes AF2 runs and stores in, by the names the command line and the configs use.
+if TYPE_CHECKING:
+    import torch
+
+# The dtypes AF2 runs and stores in, by the names the command line and the configs use: name -> `torch` attribute.
 DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
 # The canonical names, for argparse choices.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -23,6 +26,8 @@ def parse_dtype(name: str | torch.dtype | None, device: torch.device | str | Non
     A `torch.dtype` from a name in `DTYPES`, a `torch.dtype` (returned as is), `None` (float32), or `"auto"`:
     bfloat16 on a CUDA `device`, float32 elsewhere.
     """
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     if name is None:
@@ -31,10 +36,26 @@ def parse_dtype(name: str | torch.dtype | None, device: torch.device | str | Non
         return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not supported; use one of {', '.join(('auto', *DTYPES))}.")
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "non_finite_tensors", "parse_dtype"]
+def set_seed(seed: int) -> None:
+    """
+    Seeds Python's, numpy's and torch's (every device's) random generators, as `transformers.set_seed` does. That
+    one lives in `transformers.trainer_utils`, which imports peft and, through it, bitsandbytes: seconds, and their
+    import-time notices, in every command that samples.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+__all__ = ["DTYPES", "DTYPE_NAMES", "non_finite_tensors", "parse_dtype", "set_seed"]
 
 
 def non_finite_tensors(named_tensors) -> list[str]:
@@ -44,6 +65,8 @@ def non_finite_tensors(named_tensors) -> list[str]:
     reduction pass without the boolean copy of `isfinite(...).all()`, which took ~10x longer (3.4 s instead of 0.35 s
     for af2-0.5b's 4.3 GB of float32 weights).
     """
+    import torch
+
     bad = []
     # Tied weights (the embedding and the head) appear under both names: scanned once, reported under each.
     verdicts: dict[tuple, bool] = {}

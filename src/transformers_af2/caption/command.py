@@ -86,10 +86,9 @@ def caption(
         `RunSummary`: rows done, failed and skipped as already done (over all processes).
     """
     import torch
-    from transformers import set_seed
 
     from ..cli import _resolve_device, load_model_and_processor
-    from ..utils import parse_dtype
+    from ..utils import parse_dtype, set_seed
 
     with ProcessGroup() as processes:
         inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)

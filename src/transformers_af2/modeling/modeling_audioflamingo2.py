@@ -36,7 +36,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 from transformers.utils import can_return_tuple, logging
 
-from ..compat import CACHE_KWARG, pop_cache
+from ..compat import CACHE_KWARG, LOADING_DEFAULTS, pop_cache
 from ..generation_utils import honour_max_length, with_non_finite_check
 from ..utils import non_finite_tensors
 from .configuration_audioflamingo2 import AudioFlamingo2Config
@@ -448,6 +448,12 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         init_audioflamingo2_module(module)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        # No hub kernels unless asked for: see `transformers_af2.compat.LOADING_DEFAULTS`.
+        kwargs = {**LOADING_DEFAULTS, **kwargs}
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
 
 def init_audioflamingo2_module(module: nn.Module) -> None:

@@ -18,53 +18,47 @@
 See `trainer/README.md` for the command line (`af2 train`), LoRA, and multi-GPU / FSDP.
 """
 
-from .collator import AudioFlamingo2DataCollator, af2_labels, build_training_text
-from .data import (
-    DataCheck,
-    check_training_data,
-    count_windows,
-    from_hf_dataset,
-    length_key,
-    load_af2_json,
-    load_jsonl,
-    load_training_data,
-)
-from .lora import LORA_TARGETS, apply_lora, continue_lora, load_lora, lora_config, lora_target_regex, merge_lora
-from .stages import (
-    STAGES,
-    TrainableSummary,
-    eval_frozen_modules,
-    frozen_eval_module_names,
-    mask_embedding_gradient,
-    set_trainable_parameters,
-)
-from .training import AudioFlamingo2Trainer, last_complete_checkpoint
+import importlib
 
-__all__ = [
-    "LORA_TARGETS",
-    "STAGES",
-    "AudioFlamingo2DataCollator",
-    "AudioFlamingo2Trainer",
-    "DataCheck",
-    "TrainableSummary",
-    "af2_labels",
-    "apply_lora",
-    "build_training_text",
-    "check_training_data",
-    "continue_lora",
-    "count_windows",
-    "eval_frozen_modules",
-    "frozen_eval_module_names",
-    "from_hf_dataset",
-    "last_complete_checkpoint",
-    "length_key",
-    "load_af2_json",
-    "load_jsonl",
-    "load_lora",
-    "load_training_data",
-    "lora_config",
-    "lora_target_regex",
-    "mask_embedding_gradient",
-    "merge_lora",
-    "set_trainable_parameters",
-]
+# name -> the submodule defining it. Imported on first use, so `af2 train`'s parser (trainer.cli, this package's
+# submodule) does not import transformers' Trainer, peft, bitsandbytes and datasets before a command needs them.
+_HOMES = {
+    "AudioFlamingo2DataCollator": "collator",
+    "af2_labels": "collator",
+    "build_training_text": "collator",
+    "DataCheck": "data",
+    "check_training_data": "data",
+    "count_windows": "data",
+    "from_hf_dataset": "data",
+    "length_key": "data",
+    "load_af2_json": "data",
+    "load_jsonl": "data",
+    "load_training_data": "data",
+    "LORA_TARGETS": "lora",
+    "apply_lora": "lora",
+    "continue_lora": "lora",
+    "load_lora": "lora",
+    "lora_config": "lora",
+    "lora_target_regex": "lora",
+    "merge_lora": "lora",
+    "STAGES": "stages",
+    "TrainableSummary": "stages",
+    "eval_frozen_modules": "stages",
+    "frozen_eval_module_names": "stages",
+    "mask_embedding_gradient": "stages",
+    "set_trainable_parameters": "stages",
+    "AudioFlamingo2Trainer": "training",
+    "last_complete_checkpoint": "training",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_HOMES])

@@ -18,15 +18,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from typing import get_type_hints
 
-import torch
-from transformers import HfArgumentParser, TrainingArguments
-from transformers.hf_argparser import string_to_bool
 
-from .stages import STAGES
+class _NoHubKernelNotice(logging.Filter):
+    """
+    transformers' `TrainingArguments` imports peft when installed, and peft imports bitsandbytes, which on CPUs with
+    AVX512-BF16 tries at import to fetch a kernel from the Hugging Face Hub and, when that fails (as it must: this
+    package runs no code from the hub), logs "Failed to load CPU gemm_4bit_forward from kernels-community: ..." on
+    every `af2 train`, whatever the options. bitsandbytes falls back to its own kernel; the notice is dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernelNotice())
+
+import torch  # noqa: E402  (after the filter: the imports below import bitsandbytes)
+from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
+from transformers.hf_argparser import string_to_bool  # noqa: E402
+
+from .stages import STAGES  # noqa: E402
 
 # Options of our own; every other option is a TrainingArguments field.
 _OWN_OPTIONS = (
@@ -186,6 +202,7 @@ def training_arguments_from(args: argparse.Namespace) -> TrainingArguments:
     """`TrainingArguments` from the parsed options. Launched as several processes (`WORLD_SIZE` > 1) on a machine
     without CUDA, the run is put on the CPU with gloo (the Trainer otherwise runs N unrelated trainings); a launch
     that still would not train as one job raises, naming the options to add."""
+    refuse_single_process_accelerate_launch()
     names = {field.name for field in dataclasses.fields(TrainingArguments) if field.init}
     values = {name: value for name, value in vars(args).items() if name in names}
     if not values.get("output_dir"):
@@ -202,6 +219,21 @@ def training_arguments_from(args: argparse.Namespace) -> TrainingArguments:
             "--use-cpu true --ddp-backend gloo; on GPUs give each process its own device (--ddp-backend nccl)."
         )
     return training_args
+
+
+def refuse_single_process_accelerate_launch() -> None:
+    """
+    `accelerate launch --num_processes N` without a distributed type (`--multi_gpu`) starts ONE process, which would
+    train alone with 1/N of the global batch asked for. accelerate's single-process launcher then still sets
+    `MASTER_ADDR`/`MASTER_PORT` (for N > 1) but no `WORLD_SIZE`; that launch is refused before anything loads.
+    """
+    if "ACCELERATE_USE_CPU" in os.environ and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise ValueError(
+            "accelerate started 1 process although --num_processes asked for several (without GPUs it starts "
+            "several only with a distributed type): launch with `accelerate launch --multi_gpu --num_processes N -m "
+            "transformers_af2.trainer.cli train ...` or `torchrun --nproc-per-node N -m transformers_af2.trainer.cli "
+            "train ...`."
+        )
 
 
 def _checked_data(path, reader: dict, collator, args, training_args, dropped_name: str):
@@ -367,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     args = parser.parse_args(argv)
-    return args.handler(args)
+    from ..cli import run  # errors in one line, as `af2 train`'s
+
+    return run(args)
 
 
 if __name__ == "__main__":
