@@ -10,6 +10,7 @@ import sys
 
 from transformers import TextStreamer
 
+from .quantization import QUANTIZATION_NAMES
 from .utils import DTYPE_NAMES, parse_dtype
 
 DEFAULT_MODEL = "nvidia/audio-flamingo-2"
@@ -133,7 +134,7 @@ def _add_generate(subparsers) -> None:
             "      --max-new-tokens 1024 --sample --soundcot-repair --stream"
         ),
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, quantization=True)
     parser.add_argument(
         "--audio",
         action="append",
@@ -263,9 +264,10 @@ def _positive_float(value: str) -> float:
     return number
 
 
-def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL) -> None:
+def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL, quantization: bool = False) -> None:
     """`--model` and `--config`, as every command that loads AF2 takes them (`load_model_and_processor` reads
-    them)."""
+    them); with `quantization`, also `--quantization`, for a command that passes it to `load_model_and_processor`
+    (an option taken and then not applied would be ignored silently)."""
     parser.add_argument(
         "--model",
         default=default_model,
@@ -277,6 +279,15 @@ def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL) -> No
         metavar="YAML",
         type=_non_empty("--config"),
         help="for an original-layout directory without configs/inference.yaml: the original inference YAML",
+    )
+    if not quantization:
+        return
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATION_NAMES,
+        help="weight-only quantization of the language model at load (the audio encoder stays in --dtype): int8 / "
+        "int4 (torchao), bnb-8bit / bnb-4bit (bitsandbytes); needs transformers-af2[quantization]. See "
+        "transformers_af2.quantization",
     )
 
 
@@ -339,12 +350,16 @@ def _resolve_device(name: str):
     return device
 
 
-def load_model_and_processor(model_id: str, device=None, dtype=None, original_config: str | None = None):
+def load_model_and_processor(
+    model_id: str, device=None, dtype=None, original_config: str | None = None, quantization: str | None = None
+):
     """
     `(model, processor)` for a converted repository (local or hub) or an original-layout checkpoint (hub id or
     directory; converted on first use and cached, see `transformers_af2.hub_ids`). `original_config` is the original
-    inference YAML, for original-layout directories that lack one. The model keeps its plain `nn.Linear` layers
-    (the opt-in CPU kernels of `transformers_af2.modeling.cpu_linear` were measured slower for decoding).
+    inference YAML, for original-layout directories that lack one. `quantization`: one of
+    `quantization.QUANTIZATION_NAMES` (`--quantization`), applied while loading. The model keeps its plain
+    `nn.Linear` layers (the opt-in CPU kernels of `transformers_af2.modeling.cpu_linear` were measured slower for
+    decoding).
     """
     from transformers import AutoProcessor
 
@@ -362,9 +377,16 @@ def load_model_and_processor(model_id: str, device=None, dtype=None, original_co
             )
         model_id = str(cached_conversion(model_id, config=original_config))
     # An original-layout id is converted (once, cached) by these calls themselves: see transformers_af2.hub_ids.
-    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(model_id, dtype=dtype)
+    quantized = {}
+    if quantization is not None:
+        from .quantization import quantization_config
+
+        quantized["quantization_config"] = quantization_config(quantization, device=device, dtype=dtype)
+        if device is not None:  # quantized weights are placed while loading; they cannot all be moved afterwards
+            quantized["device_map"] = str(device)
+    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(model_id, dtype=dtype, **quantized)
     processor = AutoProcessor.from_pretrained(model_id)
-    if device is not None:
+    if device is not None and not quantized:
         model.to(device)
     return model.eval(), processor
 
@@ -430,7 +452,7 @@ def _run_generate(args) -> int:
         if args.seed is not None:
             set_seed(args.seed)
         model, processor = load_model_and_processor(
-            args.model, device=device, dtype=dtype, original_config=args.config
+            args.model, device=device, dtype=dtype, original_config=args.config, quantization=args.quantization
         )
         _check_max_new_tokens(args.max_new_tokens, model)
         pipe = pipeline(TASK, model=model, processor=processor, device=device)
