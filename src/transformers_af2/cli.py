@@ -358,8 +358,8 @@ def load_model_and_processor(
     directory; converted on first use and cached, see `transformers_af2.hub_ids`). `original_config` is the original
     inference YAML, for original-layout directories that lack one. `quantization`: one of
     `quantization.QUANTIZATION_NAMES` (`--quantization`), applied while loading. The model keeps its plain
-    `nn.Linear` layers (the opt-in CPU kernels of `transformers_af2.modeling.cpu_linear` were measured slower for
-    decoding).
+    `nn.Linear` layers; on CPU, `$AF2_LINEAR_KERNELS` routes their products through other kernels
+    (`modeling.cpu_linear.choose_linear_kernels`: "auto" measures them on this machine once).
     """
     from transformers import AutoProcessor
 
@@ -388,6 +388,11 @@ def load_model_and_processor(
     processor = AutoProcessor.from_pretrained(model_id)
     if device is not None and not quantized:
         model.to(device)
+    if model.device.type == "cpu":
+        from .modeling.cpu_linear import choose_linear_kernels, use_linear_kernels
+
+        # $AF2_LINEAR_KERNELS: unset or "default" keeps nn.Linear's path; "auto" measures once per CPU (cached).
+        use_linear_kernels(model, choose_linear_kernels(model))
     return model.eval(), processor
 
 
