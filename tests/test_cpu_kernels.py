@@ -98,3 +98,34 @@ def test_load_model_and_processor_applies_the_environment(converted_fixture, mon
     monkeypatch.delenv("AF2_LINEAR_KERNELS")
     model, _ = cli.load_model_and_processor(str(converted_fixture.repo), device="cpu")
     assert all(linear_kernels_of(m) == DEFAULT_KERNELS for m in model.modules() if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize(
+    "device, flags, dtype, kernels",
+    [
+        ("cpu", {"avx2", "avx512f", "avx512_bf16"}, "bfloat16", "auto"),
+        ("cpu", {"avx2", "amx_bf16", "amx_tile"}, "bfloat16", "auto"),
+        ("cpu", {"avx2", "fma"}, "float32", "auto"),
+        ("cuda", set(), "bfloat16", None),
+    ],
+)
+def test_fast_settings_follow_the_device(device, flags, dtype, kernels):
+    from transformers_af2.presets import fast_settings
+
+    settings = fast_settings(device, flags)
+    assert (settings.dtype, settings.linear_kernels) == (dtype, kernels)
+
+
+def test_generate_fast_uses_the_preset_and_measured_kernels(converted_fixture, capsys, monkeypatch, tmp_path):
+    from transformers_af2.presets import fast_settings
+
+    monkeypatch.setenv("AF2_CACHE", str(tmp_path))
+    fixture = converted_fixture
+    argv = [
+        "generate", "--model", str(fixture.repo), "--audio", str(fixture.wav(0)), "--prompt",
+        fixture.reference["prompts"][0], "--greedy", "--max-new-tokens", "4", "--device", "cpu", "--fast", "--json",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["tokens"]) == 4
+    (key,) = json.loads((tmp_path / "linear-kernels.json").read_text())
+    assert f"torch.{fast_settings('cpu').dtype}" in key

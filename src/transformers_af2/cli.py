@@ -283,6 +283,13 @@ def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL, quant
     if not quantization:
         return
     parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the settings measured fastest on this kind of device while keeping float32's answers (with --dtype "
+        "auto: bfloat16 on GPUs and on CPUs with avx512_bf16/AMX; on CPU, linear kernels measured once and cached). "
+        "See transformers_af2.presets",
+    )
+    parser.add_argument(
         "--quantization",
         choices=QUANTIZATION_NAMES,
         help="weight-only quantization of the language model at load (the audio encoder stays in --dtype): int8 / "
@@ -351,15 +358,20 @@ def _resolve_device(name: str):
 
 
 def load_model_and_processor(
-    model_id: str, device=None, dtype=None, original_config: str | None = None, quantization: str | None = None
+    model_id: str,
+    device=None,
+    dtype=None,
+    original_config: str | None = None,
+    quantization: str | None = None,
+    linear_kernels: str | None = None,
 ):
     """
     `(model, processor)` for a converted repository (local or hub) or an original-layout checkpoint (hub id or
     directory; converted on first use and cached, see `transformers_af2.hub_ids`). `original_config` is the original
     inference YAML, for original-layout directories that lack one. `quantization`: one of
     `quantization.QUANTIZATION_NAMES` (`--quantization`), applied while loading. The model keeps its plain
-    `nn.Linear` layers; on CPU, `$AF2_LINEAR_KERNELS` routes their products through other kernels
-    (`modeling.cpu_linear.choose_linear_kernels`: "auto" measures them on this machine once).
+    `nn.Linear` layers; on CPU, `linear_kernels` (default `$AF2_LINEAR_KERNELS`) routes their products through
+    other kernels (`modeling.cpu_linear.choose_linear_kernels`: "auto" measures them on this machine once).
     """
     from transformers import AutoProcessor
 
@@ -392,7 +404,7 @@ def load_model_and_processor(
         from .modeling.cpu_linear import choose_linear_kernels, use_linear_kernels
 
         # $AF2_LINEAR_KERNELS: unset or "default" keeps nn.Linear's path; "auto" measures once per CPU (cached).
-        use_linear_kernels(model, choose_linear_kernels(model))
+        use_linear_kernels(model, choose_linear_kernels(model, linear_kernels))
     return model.eval(), processor
 
 
@@ -438,6 +450,7 @@ def _run_generate(args) -> int:
     from transformers import pipeline, set_seed
 
     from .pipelines import TASK
+    from .presets import fast_settings
 
     pairs = _pair_inputs(args.audio, args.prompt)
     if not args.do_sample and any(v is not None for v in (args.top_k, args.top_p, args.temperature)):
@@ -445,7 +458,8 @@ def _run_generate(args) -> int:
     if args.stream and args.batch_size > 1:
         raise ValueError("--stream prints one answer at a time; --batch-size does not apply to it.")
     device = _resolve_device(args.device)
-    dtype = parse_dtype(args.dtype, device)
+    fast = fast_settings(device) if args.fast else None
+    dtype = parse_dtype(fast.dtype if fast and args.dtype == "auto" else args.dtype, device)
     several = len(pairs) > 1
     errors: dict[int, str] = {}
     for index, (audio, _) in enumerate(pairs):
@@ -457,8 +471,9 @@ def _run_generate(args) -> int:
         if args.seed is not None:
             set_seed(args.seed)
         model, processor = load_model_and_processor(
-            args.model, device=device, dtype=dtype, original_config=args.config, quantization=args.quantization
-        )
+            args.model, device=device, dtype=dtype, original_config=args.config, quantization=args.quantization,
+            linear_kernels=fast.linear_kernels if fast else None,
+        )  # fmt: skip
         _check_max_new_tokens(args.max_new_tokens, model)
         pipe = pipeline(TASK, model=model, processor=processor, device=device)
         options = {"return_tensors": True, "soundcot_repair": args.soundcot_repair, **_generate_kwargs(args)}
