@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from items import prepare_decode_step
-from measurement import NoiseMonitor, Timer, log, machine_description, timed
+from measurement import add_interleaved_arguments, log, machine_description, recording_timer, timed, write_json
 from shapes import SHAPES, audio_features, bare_language_model, build_random_model, prompts
 
 from transformers_af2.generation_utils import NonFiniteLogitsCheck
@@ -163,24 +161,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per model (median reported)")
-    parser.add_argument("--steps", type=int, default=8, help="decoding steps per run")
+    add_interleaved_arguments(parser, repeats=5, steps=8)
     parser.add_argument("--audio-seconds", type=float, default=10)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--top-ops", type=int, default=12)
-    parser.add_argument("--json-out")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    timer = recording_timer(args)
     device, dtype = torch.device("cpu"), parse_dtype(args.dtype)
-    # This profile runs whatever the load: it records it (others' cores per run) rather than waiting for quiet.
-    timer = Timer(NoiseMonitor(tolerance=float("inf"), max_wait=0, attempts=1), repeats=args.repeats, warmup=1)
-    args.decode_steps = args.steps
     log(f"building {args.shape} ({args.dtype}) and its bare LM")
     model = build_random_model(args.shape, dtype, device)
     bare = bare_language_model(model.config, dtype, device)
@@ -242,9 +233,7 @@ def main(argv=None) -> int:
         results["top_operators"]["bare_lm"] = top_operators(runs["bare_lm"], args.top_ops)
 
     print(format_report(results))
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    write_json(results, args.json_out)
     return 0
 
 

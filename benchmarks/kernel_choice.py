@@ -13,14 +13,12 @@ for 1 and for 4 sequences.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from items import prepare_decode_step
-from measurement import NoiseMonitor, Timer, log, machine_description
+from measurement import add_interleaved_arguments, log, machine_description, recording_timer, write_json
 from shapes import BATCH_PROMPT_TOKENS, SHAPES, audio_features, build_random_model, prompts
 
 from transformers_af2.modeling.cpu_linear import (
@@ -42,20 +40,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=4, help="decoding steps per timed run")
-    parser.add_argument("--json-out")
+    add_interleaved_arguments(parser, repeats=3, steps=4)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    timer = recording_timer(args)
     device, dtype = torch.device("cpu"), parse_dtype(args.dtype)
-    timer = Timer(NoiseMonitor(tolerance=float("inf"), max_wait=0, attempts=1), repeats=args.repeats, warmup=1)
-    args.decode_steps = args.steps
     log(f"building {args.shape} ({args.dtype})")
     model = build_random_model(args.shape, dtype, device)
     results = {"machine": machine_description(), "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -94,9 +86,7 @@ def main(argv=None) -> int:
             results[item]["speedup"] = results[item]["default"]["median"] / results[item][names[1]]["median"]
     use_linear_kernels(model, DEFAULT_KERNELS)
     print(format_report(results))
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    write_json(results, args.json_out)
     return 0
 
 

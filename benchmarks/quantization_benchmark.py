@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,14 @@ from pathlib import Path
 
 import torch
 from items import prepare_decode_step
-from measurement import NoiseMonitor, Timer, current_rss_bytes, log, machine_description
+from measurement import (
+    add_interleaved_arguments,
+    current_rss_bytes,
+    log,
+    machine_description,
+    recording_timer,
+    write_json,
+)
 from shapes import SHAPES, audio_features, build_random_model, prompts
 
 from transformers_af2 import AudioFlamingo2ForConditionalGeneration
@@ -120,23 +126,16 @@ def parse_args(argv=None):
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--checkpoint", help="a converted AF2 directory instead of a random model")
     parser.add_argument("--variants", nargs="+", type=parse_variant, default=[("float32", None), ("bfloat16", None)])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=4, help="decoding steps per timed run")
+    add_interleaved_arguments(parser, repeats=3, steps=4)
     parser.add_argument("--clips", type=int, default=4, help="inputs of the agreement check")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--json-out")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    timer = recording_timer(args)
     device = torch.device("cpu")
-    # Runs whatever the load and records it (others' cores per run) instead of waiting for a quiet machine.
-    timer = Timer(NoiseMonitor(tolerance=float("inf"), max_wait=0, attempts=1), repeats=args.repeats, warmup=1)
-    args.decode_steps = args.steps
     results = {"machine": machine_description(), "torch": torch.__version__, "variants": {}}
     with tempfile.TemporaryDirectory() as scratch:
         path = args.checkpoint
@@ -185,9 +184,7 @@ def main(argv=None) -> int:
                 entry["teacher_forced"]["picks"], reference
             )["tokens"]
     print(format_table(results))
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    write_json(results, args.json_out)
     return 0
 
 

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import random_audio_inputs, tiny_model
+from conftest import BLOCK_ALIGNED, random_audio_inputs, tiny_model
 from torch import nn
 
 from transformers_af2 import AudioFlamingo2ForConditionalGeneration, cli
@@ -19,31 +19,6 @@ from transformers_af2.quantization import (
 
 LIBRARY = {"int8": "torchao", "int4": "torchao", "bnb-8bit": "bitsandbytes", "bnb-4bit": "bitsandbytes"}
 
-# Every linear 64 wide or a multiple (bitsandbytes' CPU 4-bit packs blocks of 32 outputs; int4 groups of 32 inputs).
-ALIGNED = dict(
-    audio_config=dict(
-        patch_embeds_hidden_size=64,
-        depths=[1, 1, 1, 1],
-        num_attention_heads=[2, 2, 2, 2],
-        enable_fusion=False,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    ),
-    text_config=dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=99,
-        max_position_embeddings=256,
-        pad_token_id=97,
-        eos_token_id=98,
-    ),
-    audio_transformer_intermediate_size=64,
-    cross_attention_num_heads=4,
-    cross_attention_head_dim=16,
-)
 GROUP_SIZE = 32
 
 # Worst relative logit error of the prefill against float32 (max |q - fp32| / max |fp32|) a scheme may show on the
@@ -62,7 +37,7 @@ def _needs(name):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("quantization")
-    model = tiny_model(**ALIGNED)
+    model = tiny_model(**BLOCK_ALIGNED)
     model.save_pretrained(root / "fp32")
     features, mask = random_audio_inputs([2])
     ids = torch.tensor([[model.config.audio_token_id, 5, 6, 7, 8, model.config.sep_token_id]])
