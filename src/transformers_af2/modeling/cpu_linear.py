@@ -1,16 +1,22 @@
 """
-Opt-in CPU kernels for the linear layers of an AF2 model used for inference.
+CPU kernels for the linear layers of an AF2 model used for inference, chosen per machine.
 
-A model is always built from plain `nn.Linear`s: quantizers (bitsandbytes, fine-grained FP8,
-`torch.ao.quantization.quantize_dynamic`), PEFT and tensor-parallel plans check that exact type. For float32 CPU
-inference, `enable_fast_cpu_linears(model)` turns them into `FastCPULinear` (same parameters and state-dict names,
-same results up to float32 rounding) and `disable_fast_cpu_linears(model)` turns them back.
+A model is always built from plain `nn.Linear`s: quantizers (bitsandbytes, torchao, fine-grained FP8), PEFT and
+tensor-parallel plans check that exact type. Which CPU kernel is fastest depends on the CPU and the shape: on an AMD
+EPYC (AVX-512) oneDNN's matmul made the HTSAT tower ~25% faster and `weight @ input^T` a 4-sequence decoding step
+~1.6x faster; on an Intel Xeon (AMX) the tower gained 6% and decoding steps were slower (0.93x for 1 sequence, 0.89x
+for 4). So the kernels are a choice per shape class (`LinearKernels`), made for the machine:
 
-Nothing enables it by default. `benchmarks/benchmark.py` compares plain `nn.Linear`, `FastCPULinear` and
-`torch.compile` with weight freezing on the same weights (item `linears`). On the machine the kernels were written
-for (AMD EPYC, AVX-512) they made the HTSAT tower ~25% faster; on the Intel Xeon (AMX) CI machine of the latest
-measurement they gave the tower 1.06x and made decoding steps slower (0.93x for 1 sequence, 0.89x for 4), while
-`torch.compile(freezing)` gave the tower 1.24x after a 61 s compile. So the default is the standard `nn.Linear`.
+- `use_linear_kernels(model, kernels)` routes every plain `nn.Linear`'s forward through `cpu_linear(kernels, ...)`
+  without changing its class, parameters or state-dict names (same results up to float32 rounding);
+- `choose_linear_kernels(model)` reads `$AF2_LINEAR_KERNELS`: unset or `"default"` keeps `nn.Linear`'s own path;
+  `"auto"` times the alternatives with the model's own weights at first use (~1 s) and caches the choice per CPU model,
+  PyTorch version, thread count, dtype and layer shapes; an explicit choice overrides. `af2 generate --fast` and
+  `cli.load_model_and_processor` apply it.
+
+`FastCPULinear` (`enable_fast_cpu_linears`, which changes the class) is the earlier form of the same kernels, kept for
+code that uses it. `benchmarks/kernel_choice.py` measures the choice; `benchmarks/benchmark.py` (item `linears`)
+also compares `torch.compile` with weight freezing (tower 1.24x on the Xeon, after a 61 s compile).
 """
 
 from __future__ import annotations
