@@ -139,3 +139,10 @@ def test_generate_command_refuses_unknown_quantization(capsys):
         cli.main(["generate", "--audio", "a.wav", "--prompt", "q", "--quantization", "fp4"])
     assert raised.value.code == 2
     assert "--quantization: invalid choice: 'fp4'" in capsys.readouterr().err
+
+
+@_needs("int4")
+def test_int4_layout_follows_the_device():
+    """CPU: torchao's CPU layout (the only int4 one with a CPU kernel); GPU: tinygemm's (plain int4 needs `mslk`)."""
+    assert type(quantization_config("int4", device="cpu").quant_type).__name__ == "PrototypeInt4WeightOnlyConfig"
+    assert quantization_config("int4", device="cuda").quant_type.int4_packing_format == "tile_packed_to_4d"

@@ -8,7 +8,7 @@ Weight-only quantized AF2 through transformers' own quantizers: one name per sch
 | name | library | weights | kernel on CPU |
 |---|---|---|---|
 | `int8` | torchao `Int8WeightOnlyConfig` (per output channel) | 1 byte | dequantizes the weight per call in eager mode; fast under `torch.compile` |
-| `int4` | torchao `Int4WeightOnlyConfig` on GPU; on CPU its CPU layout (`PrototypeInt4WeightOnlyConfig`, groups of `group_size`) | 0.5 byte | `aten._weight_int4pack_mm_for_cpu` |
+| `int4` | torchao: on CPU its CPU layout (`PrototypeInt4WeightOnlyConfig`), on GPU `Int4WeightOnlyConfig` (tinygemm layout); groups of `group_size` | 0.5 byte | `aten._weight_int4pack_mm_for_cpu` |
 | `bnb-8bit` | bitsandbytes LLM.int8 | 1 byte | bitsandbytes' CPU backend |
 | `bnb-4bit` | bitsandbytes NF4, compute in the model's dtype | 0.5 byte | bitsandbytes' CPU backend |
 
@@ -105,7 +105,9 @@ def quantization_config(name: str, device=None, dtype=None, group_size: int = 12
         return TorchAoConfig(PrototypeInt4WeightOnlyConfig(group_size=group_size), modules_to_not_convert=skip)
     from torchao.quantization import Int4WeightOnlyConfig
 
-    return TorchAoConfig(Int4WeightOnlyConfig(group_size=group_size), modules_to_not_convert=skip)
+    # tinygemm's layout (bfloat16 activations): torchao's plain int4 format needs the separate `mslk` package.
+    config = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    return TorchAoConfig(config, modules_to_not_convert=skip)
 
 
 __all__ = [
