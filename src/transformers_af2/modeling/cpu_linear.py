@@ -172,7 +172,8 @@ def _shape_groups(modules) -> dict[tuple, list[nn.Linear]]:
 
 def _estimate(groups, rows: int, candidates: dict[str, LinearKernels], repeats: int) -> dict[str, float]:
     """Seconds for one product of `rows` rows through every layer of `groups`, per candidate: each distinct weight
-    shape timed once per repeat (candidates alternating), its median times the number of layers of that shape."""
+    shape timed once per repeat (candidates alternating), its median times the number of layers of that shape. For
+    compute-bound products, where a weight already in cache changes little."""
     totals = dict.fromkeys(candidates, 0.0)
     with torch.inference_mode():
         for layers in groups.values():
@@ -190,22 +191,45 @@ def _estimate(groups, rows: int, candidates: dict[str, LinearKernels], repeats: 
     return totals
 
 
+def _time_passes(layers, rows: int, candidates: dict[str, LinearKernels], repeats: int) -> dict[str, float]:
+    """Seconds for one product of `rows` rows through each of `layers` in turn, as a decoding step reads them: every
+    weight once, from memory rather than cache (a weight timed repeatedly stays in cache and flatters the kernel
+    that reads it twice). Median of `repeats` passes per candidate, candidates alternating, after one warm-up pass."""
+    inputs = {}
+    for module in layers:
+        inputs.setdefault(module.in_features, torch.randn(rows, module.in_features, dtype=module.weight.dtype))
+    runs = {name: [] for name in candidates}
+    with torch.inference_mode():
+        for repeat in range(repeats + 1):
+            for name, kernels in candidates.items():
+                start = time.perf_counter()
+                for module in layers:
+                    cpu_linear(kernels, module, inputs[module.in_features])
+                if repeat:
+                    runs[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
 def measure_linear_kernels(model, repeats: int = 3) -> tuple[LinearKernels, dict]:
     """
-    Times, on this machine and with `model`'s own weights, each shape class's kernels: `few_rows` on the language
-    model's linears and head with 4 rows (a batch's decoding step), `many_rows` on the audio tower's with 1024 rows
-    (float32 only: oneDNN's path takes nothing else). Returns the faster choice (an alternative only when it is at
-    least 5% faster) and the estimated seconds per candidate. Takes about a second for af2-0.5b on 2 cores.
+    Times, on this machine and with `model`'s own weights, each shape class's kernels: `few_rows` as passes of 4 rows
+    (a batch's decoding step) through all the language model's linears and the head, `many_rows` on each distinct
+    shape of the audio tower's linears with 256 rows (float32 only: oneDNN's path takes nothing else). Returns the
+    faster choice (an alternative only when it is at least 5% faster) and the seconds per candidate. For af2-0.5b in
+    float32 it took 32 s on one core of a heavily loaded 2-core VM; it runs once per machine (the choice is cached).
     """
     inner = model.model
-    text_layers = [*inner.language_model.modules(), model.lm_head]
-    few = _estimate(_shape_groups(text_layers), 4, {"default": DEFAULT_KERNELS, "weight_major": FAST_KERNELS}, repeats)
+    text_layers = [
+        m for m in [*inner.language_model.modules(), model.lm_head]
+        if type(m) is nn.Linear and type(m.weight) is nn.Parameter
+    ]  # fmt: skip
+    few = _time_passes(text_layers, 4, {"default": DEFAULT_KERNELS, "weight_major": FAST_KERNELS}, repeats)
     timings = {"few_rows_4": few}
     many_rows = "default"
     if next(inner.audio_tower.parameters()).dtype == torch.float32 and _ONEDNN_LINEAR_AVAILABLE:
         candidates = {"default": DEFAULT_KERNELS, "onednn": LinearKernels(many_rows="onednn")}
-        many = _estimate(_shape_groups(inner.audio_tower.modules()), 1024, candidates, repeats)
-        timings["many_rows_1024"] = many
+        many = _estimate(_shape_groups(inner.audio_tower.modules()), 256, candidates, repeats)
+        timings["many_rows_256"] = many
         many_rows = "onednn" if many["onednn"] < _MARGIN * many["default"] else "default"
     few_rows = "weight_major" if few["weight_major"] < _MARGIN * few["default"] else "default"
     return LinearKernels(few_rows=few_rows, many_rows=many_rows), timings
