@@ -134,7 +134,7 @@ def _add_generate(subparsers) -> None:
             "      --max-new-tokens 1024 --sample --soundcot-repair --stream"
         ),
     )
-    add_model_arguments(parser, quantization=True)
+    add_model_arguments(parser, speed_options=True)
     parser.add_argument(
         "--audio",
         action="append",
@@ -264,10 +264,11 @@ def _positive_float(value: str) -> float:
     return number
 
 
-def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL, quantization: bool = False) -> None:
+def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL, speed_options: bool = False) -> None:
     """`--model` and `--config`, as every command that loads AF2 takes them (`load_model_and_processor` reads
-    them); with `quantization`, also `--quantization`, for a command that passes it to `load_model_and_processor`
-    (an option taken and then not applied would be ignored silently)."""
+    them); with `speed_options`, also `--fast` and `--quantization`, for a command that passes them on to
+    `presets.fast_settings` and `load_model_and_processor` (an option taken and not applied would be ignored
+    silently)."""
     parser.add_argument(
         "--model",
         default=default_model,
@@ -280,7 +281,7 @@ def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL, quant
         type=_non_empty("--config"),
         help="for an original-layout directory without configs/inference.yaml: the original inference YAML",
     )
-    if not quantization:
+    if not speed_options:
         return
     parser.add_argument(
         "--fast",

@@ -2,7 +2,7 @@
 Weight-only quantized AF2 through transformers' own quantizers: one name per scheme, the audio side kept unquantized.
 
 `quantization_config(name)` gives the transformers config for `AudioFlamingo2ForConditionalGeneration.from_pretrained(
-..., quantization_config=...)`; commands take the name as `--quantization` (`cli.add_model_arguments(quantization=True)`,
+..., quantization_config=...)`; commands take the name as `--quantization` (`cli.add_model_arguments(speed_options=True)`,
 `cli.load_model_and_processor`; `af2 generate` today).
 
 | name | library | weights | kernel on CPU |
