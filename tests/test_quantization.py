@@ -116,17 +116,19 @@ def test_quantized_checkpoint_saves_and_reloads_quantized(saved, name, tmp_path)
     assert _generate(reloaded, inputs).tolist() == answer.tolist()
 
 
-@_needs("int8")
-def test_generate_command_takes_quantization(converted_fixture, capsys):
-    """`af2 generate --quantization int8` on the parity fixture answers the float32 greedy ids of its first sample
-    (whose smallest greedy logit margin, 0.42, is far above int8's rounding)."""
+@pytest.mark.parametrize("name", ["int8", "bnb-8bit"])
+def test_generate_command_takes_quantization(converted_fixture, capsys, name):
+    """`af2 generate --quantization int8|bnb-8bit` on the parity fixture answers the float32 greedy ids of its first
+    sample (whose smallest greedy logit margin, 0.42, is far above 8-bit rounding)."""
     import json
 
+    if not _available(name):
+        pytest.skip(f"{LIBRARY[name]} is not installed")
     fixture = converted_fixture
     argv = [
         "generate", "--model", str(fixture.repo), "--audio", str(fixture.wav(0)), "--prompt",
         fixture.reference["prompts"][0], "--greedy", "--max-new-tokens", str(fixture.reference["max_new_tokens"]),
-        "--device", "cpu", "--quantization", "int8", "--json",
+        "--device", "cpu", "--quantization", name, "--json",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     tokens = json.loads(capsys.readouterr().out)[0]["tokens"]
