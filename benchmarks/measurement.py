@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import resource
@@ -167,6 +168,32 @@ class Timer:
             }
             for name, entries in rounds.items()
         }
+
+
+def add_interleaved_arguments(parser, repeats: int, steps: int) -> None:
+    """The options of the scripts that compare variants interleaved in one process (`decode_profile.py`,
+    `quantization_benchmark.py`, `kernel_choice.py`)."""
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved runs per variant (median reported)")
+    parser.add_argument("--steps", type=int, default=steps, help="decoding steps per timed run")
+    parser.add_argument("--json-out", help="write the results here as JSON")
+
+
+def recording_timer(args) -> Timer:
+    """For those scripts: applies `--threads` and returns a `Timer` that runs whatever the load and records it (the
+    others' cores of every run) instead of waiting for a quiet machine; their variants alternate run by run, so the
+    load hits them alike and their ratios stand where absolute times do not."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.decode_steps = args.steps  # the name items.prepare_decode_step reads
+    return Timer(NoiseMonitor(tolerance=float("inf"), max_wait=0, attempts=1), repeats=args.repeats, warmup=1)
+
+
+def write_json(results: dict, path: str | None) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=2)
 
 
 def machine_description() -> dict:

@@ -164,6 +164,34 @@ def tiny_config(**overrides):
     return AudioFlamingo2Config(**values)
 
 
+# `tiny_config` overrides that make every linear a multiple of 64 wide: bitsandbytes' CPU 4-bit packs blocks of 32
+# outputs (`out_features % 32 == 0`), int4 weight-only groups of 32 inputs.
+BLOCK_ALIGNED = dict(
+    audio_config=dict(
+        patch_embeds_hidden_size=64,
+        depths=[1, 1, 1, 1],
+        num_attention_heads=[2, 2, 2, 2],
+        enable_fusion=False,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ),
+    text_config=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=99,
+        max_position_embeddings=256,
+        pad_token_id=97,
+        eos_token_id=98,
+    ),
+    audio_transformer_intermediate_size=64,
+    cross_attention_num_heads=4,
+    cross_attention_head_dim=16,
+)
+
+
 def tiny_model(seed: int = 0, nonzero_gates: bool = True, **overrides):
     """A random tiny model in eval mode; gates set non-zero so the audio actually changes the output."""
     from transformers_af2 import AudioFlamingo2ForConditionalGeneration

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from conftest import random_audio_inputs, tiny_model
+from conftest import BLOCK_ALIGNED, random_audio_inputs, tiny_model
 from transformers import BitsAndBytesConfig, TrainingArguments
 
 from transformers_af2 import AudioFlamingo2ForConditionalGeneration
@@ -24,31 +24,6 @@ bnb = pytest.importorskip(
     "bitsandbytes", reason="bitsandbytes is a training extra: pip install transformers-af2[train]"
 )
 
-# Every linear a multiple of 64 wide (see the module docstring).
-BLOCK_ALIGNED = dict(
-    audio_config=dict(
-        patch_embeds_hidden_size=64,
-        depths=[1, 1, 1, 1],
-        num_attention_heads=[2, 2, 2, 2],
-        enable_fusion=False,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    ),
-    text_config=dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=99,
-        max_position_embeddings=256,
-        pad_token_id=97,
-        eos_token_id=98,
-    ),
-    audio_transformer_intermediate_size=64,
-    cross_attention_num_heads=4,
-    cross_attention_head_dim=16,
-)
 QUANTIZATIONS = {
     "8bit": (BitsAndBytesConfig(load_in_8bit=True), "Linear8bitLt"),
     "4bit": (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), "Linear4bit"),

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 
+from .quantization import QUANTIZATION_NAMES
 from .utils import DTYPE_NAMES, parse_dtype
 
 DEFAULT_MODEL = "nvidia/audio-flamingo-2"
@@ -131,7 +132,7 @@ def _add_generate(subparsers) -> None:
             "      --max-new-tokens 1024 --sample --soundcot-repair --stream"
         ),
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, speed_options=True)
     parser.add_argument(
         "--audio",
         action="append",
@@ -261,9 +262,11 @@ def _positive_float(value: str) -> float:
     return number
 
 
-def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL) -> None:
+def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL, speed_options: bool = False) -> None:
     """`--model` and `--config`, as every command that loads AF2 takes them (`load_model_and_processor` reads
-    them)."""
+    them); with `speed_options`, also `--fast` and `--quantization`, for a command that passes them on to
+    `presets.fast_settings` and `load_model_and_processor` (an option taken and not applied would be ignored
+    silently)."""
     parser.add_argument(
         "--model",
         default=default_model,
@@ -275,6 +278,22 @@ def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL) -> No
         metavar="YAML",
         type=_non_empty("--config"),
         help="for an original-layout directory without configs/inference.yaml: the original inference YAML",
+    )
+    if not speed_options:
+        return
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the settings measured fastest on this kind of device while keeping float32's answers (with --dtype "
+        "auto: bfloat16 on GPUs and on CPUs with avx512_bf16/AMX; on CPU, linear kernels measured once and cached). "
+        "See transformers_af2.presets",
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATION_NAMES,
+        help="weight-only quantization of the language model at load (the audio encoder stays in --dtype): int8 / "
+        "int4 (torchao), bnb-8bit / bnb-4bit (bitsandbytes); needs transformers-af2[quantization]. See "
+        "transformers_af2.quantization",
     )
 
 
@@ -337,18 +356,49 @@ def _resolve_device(name: str):
     return device
 
 
-def load_model_and_processor(model_id: str, device=None, dtype=None, original_config: str | None = None):
+def load_model_and_processor(
+    model_id: str,
+    device=None,
+    dtype=None,
+    original_config: str | None = None,
+    quantization: str | None = None,
+    linear_kernels: str | None = None,
+):
     """
     `(model, processor)` of any supported family (see `transformers_af2.families`): an AF2 converted repository
     (local or hub) or original-layout checkpoint (hub id or directory; converted on first use and cached, see
     `transformers_af2.hub_ids`), Audio Flamingo 3 or Music Flamingo; the family comes from `config.json`.
-    `original_config` is the original AF2 inference YAML, for original-layout directories that lack one. AF2 keeps
-    its plain `nn.Linear` layers (the opt-in CPU kernels of `transformers_af2.modeling.cpu_linear` were measured
-    slower for decoding).
+    `original_config` is the original AF2 inference YAML, for original-layout directories that lack one.
+    `quantization`: one of `quantization.QUANTIZATION_NAMES` (`--quantization`), applied while loading (AF2; its
+    audio side stays unquantized). The model keeps its plain `nn.Linear` layers; on CPU, `linear_kernels` (default
+    `$AF2_LINEAR_KERNELS`) routes their products through other kernels (`modeling.cpu_linear.choose_linear_kernels`:
+    "auto" measures them on this machine once).
     """
     from .families import load_model_and_processor as load_any_family
 
-    return load_any_family(model_id, device=device, dtype=dtype, original_config=original_config)
+    options = {}
+    if quantization is not None:
+        from .families import AudioFlamingo2Family, detect_family
+        from .quantization import quantization_config
+
+        family = detect_family(os.path.expanduser(model_id))
+        if family is not AudioFlamingo2Family:
+            raise ValueError(
+                f"--quantization is measured and supported for AF2 checkpoints (which modules stay unquantized is "
+                f"the model's); {model_id} is {family.display_name}: load it without --quantization."
+            )
+        options["quantization_config"] = quantization_config(quantization, device=device, dtype=dtype)
+        if device is not None:  # quantized weights are placed while loading; they cannot all be moved afterwards
+            options["device_map"] = str(device)
+    model, processor = load_any_family(
+        model_id, device=device, dtype=dtype, original_config=original_config, **options
+    )
+    if model.device.type == "cpu":
+        from .modeling.cpu_linear import choose_linear_kernels, use_linear_kernels
+
+        # $AF2_LINEAR_KERNELS: unset or "default" keeps nn.Linear's path; "auto" measures once per CPU (cached).
+        use_linear_kernels(model, choose_linear_kernels(model, linear_kernels))
+    return model, processor
 
 
 def _pair_inputs(audios: list[str], prompts: list[str]) -> list[tuple[str, str]]:
@@ -394,6 +444,7 @@ def _run_generate(args) -> int:
 
     from .families import detect_family
     from .pipelines import TASK
+    from .presets import fast_settings
     from .utils import set_seed
 
     pairs = _pair_inputs(args.audio, args.prompt)
@@ -402,7 +453,8 @@ def _run_generate(args) -> int:
     if args.stream and args.batch_size > 1:
         raise ValueError("--stream prints one answer at a time; --batch-size does not apply to it.")
     device = _resolve_device(args.device)
-    dtype = parse_dtype(args.dtype, device)
+    fast = fast_settings(device) if args.fast else None
+    dtype = parse_dtype(fast.dtype if fast and args.dtype == "auto" else args.dtype, device)
     several = len(pairs) > 1
     errors: dict[int, str] = {}
     for index, (audio, _) in enumerate(pairs):
@@ -420,8 +472,9 @@ def _run_generate(args) -> int:
         if args.seed is not None:
             set_seed(args.seed)
         model, processor = load_model_and_processor(
-            args.model, device=device, dtype=dtype, original_config=args.config
-        )
+            args.model, device=device, dtype=dtype, original_config=args.config, quantization=args.quantization,
+            linear_kernels=fast.linear_kernels if fast else None,
+        )  # fmt: skip
         _check_max_new_tokens(args.max_new_tokens, model)
         pipe = pipeline(TASK, model=model, processor=processor, device=device)
         options = {"return_tensors": True, "soundcot_repair": args.soundcot_repair, **_generate_kwargs(args)}

@@ -41,8 +41,10 @@ class NonFiniteLogitsCheck(LogitsProcessor):
         self.input_names = list(input_names) if input_names is not None else None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        invalid = torch.isnan(scores) | torch.isposinf(scores)
-        bad_rows = invalid.any(dim=-1) | ~torch.isfinite(scores).any(dim=-1)
+        # A row's maximum is NaN if it holds a NaN (max propagates NaN), +inf if it holds +inf, -inf if nothing in it
+        # is finite, and finite otherwise: one reduction instead of three boolean masks over the vocabulary (for AF2's
+        # 151669 logits, 11-14 ms -> 0.3-0.4 ms per step on a loaded 2-core VM; benchmarks/decode_profile.py).
+        bad_rows = ~torch.isfinite(scores.amax(dim=-1))
         if bad_rows.any():  # one device sync per step; generate already syncs on its stopping check
             raise NonFiniteLogitsError(self._message(input_ids, scores, bad_rows))
         return scores

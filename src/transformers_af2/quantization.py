@@ -1,0 +1,120 @@
+"""
+Weight-only quantized AF2 through transformers' own quantizers: one name per scheme, the audio side kept unquantized.
+
+`quantization_config(name)` gives the transformers config for `AudioFlamingo2ForConditionalGeneration.from_pretrained(
+..., quantization_config=...)`; commands take the name as `--quantization` (`cli.add_model_arguments(speed_options=True)`,
+`cli.load_model_and_processor`; `af2 generate` today).
+
+| name | library | weights | kernel on CPU |
+|---|---|---|---|
+| `int8` | torchao `Int8WeightOnlyConfig` (per output channel) | 1 byte | dequantizes the weight per call in eager mode; fast under `torch.compile` |
+| `int4` | torchao: on CPU its CPU layout (`PrototypeInt4WeightOnlyConfig`), on GPU `Int4WeightOnlyConfig` (tinygemm layout); groups of `group_size` | 0.5 byte | `aten._weight_int4pack_mm_for_cpu` |
+| `bnb-8bit` | bitsandbytes LLM.int8 | 1 byte | bitsandbytes' CPU backend |
+| `bnb-4bit` | bitsandbytes NF4, compute in the model's dtype | 0.5 byte | bitsandbytes' CPU backend |
+
+What stays unquantized, and why (`UNQUANTIZED_MODULES`): the HTSAT tower and the audio transformer (a few hundred
+GEMMs of many rows per 10 s window, compute-bound: weight-only quantization saves no time there and costs accuracy),
+the cross-attention's `kv_proj` (runs once per `generate`, over the audio tokens) and, by transformers' default, the
+head tied to the embedding. What is quantized is what every decoding step reads: the language model's linears and the
+gated cross-attention's q/o projections and feed-forward.
+
+A model loaded with `int8`, `bnb-8bit` or `bnb-4bit` saves quantized (`save_pretrained`) and reloads quantized
+without a `quantization_config` (transformers flattens torchao's tensor subclasses into safetensors). torchao's CPU
+int4 layout has no serialization: `save_pretrained` raises, so `int4` quantizes at every load (`SAVE_SUPPORTED`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+QUANTIZATION_NAMES = ("int8", "int4", "bnb-8bit", "bnb-4bit")
+
+# Module name patterns in transformers' `modules_to_not_convert` syntax (a prefix or regex up to a module boundary, or
+# a suffix; torchao's quantizer matches parameter names, so a bare suffix like "kv_proj" would miss "...kv_proj.weight").
+UNQUANTIZED_MODULES = ("model.audio_tower", "model.audio_transformer", r".*\.kv_proj", "lm_head")
+
+# Schemes whose quantized weights `save_pretrained` writes and `from_pretrained` reads back (measured in
+# tests/test_quantization.py).
+SAVE_SUPPORTED = ("int8", "bnb-8bit", "bnb-4bit")
+
+_LIBRARY = {"int8": "torchao", "int4": "torchao", "bnb-8bit": "bitsandbytes", "bnb-4bit": "bitsandbytes"}
+
+
+class QuantizationUnavailableError(RuntimeError):
+    """The requested `--quantization` cannot run here (library missing, no kernel for this device)."""
+
+
+def _require(name: str) -> None:
+    library = _LIBRARY[name]
+    if importlib.util.find_spec(library) is None:
+        raise QuantizationUnavailableError(
+            f"--quantization {name} needs {library}, which is not installed: pip install 'transformers-af2[quantization]'."
+        )
+
+
+def int4_cpu_kernel_available() -> bool:
+    """Whether this PyTorch has the CPU int4 weight-only matmul that torchao's CPU layout calls."""
+    import torch
+
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def quantization_config(name: str, device=None, dtype=None, group_size: int = 128):
+    """
+    The transformers quantization config of scheme `name` (one of `QUANTIZATION_NAMES`) for a model that will run on
+    `device` (a `torch.device` or string; None is CPU) in `dtype` (the compute dtype of the bitsandbytes 4-bit
+    layers; None keeps the model's). `group_size`: weights per scale of the int4 schemes (torchao's default 128;
+    a layer whose input width it does not divide stays unquantized).
+
+    Raises `ValueError` for an unknown name and `QuantizationUnavailableError` when the library or the kernel is
+    missing, each naming the option.
+    """
+    if name not in QUANTIZATION_NAMES:
+        raise ValueError(f"--quantization {name!r} is not supported; use one of {', '.join(QUANTIZATION_NAMES)}.")
+    _require(name)
+    import torch
+
+    device_type = torch.device(device).type if device is not None else "cpu"
+    skip = list(UNQUANTIZED_MODULES)
+    if name.startswith("bnb-"):
+        from transformers import BitsAndBytesConfig
+
+        if name == "bnb-8bit":
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype or torch.float32,
+            llm_int8_skip_modules=skip,
+        )
+
+    from transformers import TorchAoConfig
+
+    if name == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip)
+    if device_type == "cpu":
+        if not int4_cpu_kernel_available():
+            raise QuantizationUnavailableError(
+                f"--quantization int4: this PyTorch ({torch.__version__}) has no CPU int4 matmul "
+                "(aten._weight_int4pack_mm_for_cpu); use --quantization int8 or bnb-4bit on this machine."
+            )
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+        return TorchAoConfig(PrototypeInt4WeightOnlyConfig(group_size=group_size), modules_to_not_convert=skip)
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    # tinygemm's layout (bfloat16 activations): torchao's plain int4 format needs the separate `mslk` package.
+    config = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    return TorchAoConfig(config, modules_to_not_convert=skip)
+
+
+__all__ = [
+    "QUANTIZATION_NAMES",
+    "SAVE_SUPPORTED",
+    "UNQUANTIZED_MODULES",
+    "QuantizationUnavailableError",
+    "int4_cpu_kernel_available",
+    "quantization_config",
+]

@@ -1,0 +1,150 @@
+"""`--quantization` / `transformers_af2.quantization`: weight-only int8/int4 (torchao) and bitsandbytes 8/4-bit loads of
+a saved tiny model quantize the language model's linears only, generate, stay close to float32, save and reload where
+the library can; bad names and missing libraries are refused naming the option."""
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import BLOCK_ALIGNED, random_audio_inputs, tiny_model
+from torch import nn
+
+from transformers_af2 import AudioFlamingo2ForConditionalGeneration, cli
+from transformers_af2.quantization import (
+    QUANTIZATION_NAMES,
+    SAVE_SUPPORTED,
+    QuantizationUnavailableError,
+    quantization_config,
+)
+
+LIBRARY = {"int8": "torchao", "int4": "torchao", "bnb-8bit": "bitsandbytes", "bnb-4bit": "bitsandbytes"}
+
+GROUP_SIZE = 32
+
+# Worst relative logit error of the prefill against float32 (max |q - fp32| / max |fp32|) a scheme may show on the
+# tiny model: 8-bit weights round to 1/127 of a row's range, 4-bit to 1/7 of a group's.
+LOGIT_TOLERANCE = {"int8": 0.03, "bnb-8bit": 0.03, "int4": 0.25, "bnb-4bit": 0.25}
+
+
+def _available(name):
+    return importlib.util.find_spec(LIBRARY[name]) is not None
+
+
+def _needs(name):
+    return pytest.mark.skipif(not _available(name), reason=f"{LIBRARY[name]} is not installed (extra: quantization)")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantization")
+    model = tiny_model(**BLOCK_ALIGNED)
+    model.save_pretrained(root / "fp32")
+    features, mask = random_audio_inputs([2])
+    ids = torch.tensor([[model.config.audio_token_id, 5, 6, 7, 8, model.config.sep_token_id]])
+    inputs = dict(input_ids=ids, input_features=features, input_features_mask=mask)
+    return root, model, inputs
+
+
+def _load(root, name, dtype=torch.float32):
+    return AudioFlamingo2ForConditionalGeneration.from_pretrained(
+        root / "fp32", dtype=dtype, quantization_config=quantization_config(name, dtype=dtype, group_size=GROUP_SIZE)
+    )
+
+
+def _generate(model, inputs, tokens=8):
+    return model.generate(
+        **inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=model.config.pad_token_id
+    )[0, inputs["input_ids"].shape[1] :]
+
+
+def _quantized(linear: nn.Linear) -> bool:
+    return type(linear) is not nn.Linear or type(linear.weight) is not nn.Parameter
+
+
+def test_unknown_name_is_refused_naming_the_option():
+    with pytest.raises(ValueError, match=r"--quantization 'int3' is not supported; use one of int8, int4"):
+        quantization_config("int3")
+
+
+@pytest.mark.parametrize("name", QUANTIZATION_NAMES)
+def test_missing_library_is_refused_naming_the_extra(name):
+    if _available(name):
+        pytest.skip(f"{LIBRARY[name]} is installed")
+    with pytest.raises(QuantizationUnavailableError, match=rf"--quantization {name} needs .*\[quantization\]"):
+        quantization_config(name)
+
+
+@pytest.mark.parametrize("name", QUANTIZATION_NAMES)
+def test_language_model_quantized_audio_side_kept(saved, name):
+    if not _available(name):
+        pytest.skip(f"{LIBRARY[name]} is not installed")
+    root, reference, inputs = saved
+    model = _load(root, name)
+    inner = model.model
+    crossing = [layer.cross_attn for layer in inner.language_model.layers if layer.cross_attn is not None]
+    assert crossing
+    for layer in inner.language_model.layers:
+        assert _quantized(layer.mlp.up_proj) and _quantized(layer.self_attn.q_proj)
+    for cross in crossing:
+        assert _quantized(cross.ff_up) and _quantized(cross.q_proj) and not _quantized(cross.kv_proj)
+    for kept in (inner.audio_tower, inner.audio_transformer):
+        assert not any(_quantized(m) for m in kept.modules() if isinstance(m, nn.Linear))
+    assert not _quantized(model.lm_head)
+    if LIBRARY[name] == "torchao":  # torchao swaps the weights, never the module class
+        assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        got = model(**inputs).logits
+    error = ((got.float() - expected).abs().max() / expected.abs().max()).item()
+    assert 0 < error <= LOGIT_TOLERANCE[name], error  # 0 would mean nothing was quantized
+    assert _generate(model, inputs).shape == (8,)
+
+
+@pytest.mark.parametrize("name", SAVE_SUPPORTED)
+def test_quantized_checkpoint_saves_and_reloads_quantized(saved, name, tmp_path):
+    if not _available(name):
+        pytest.skip(f"{LIBRARY[name]} is not installed")
+    root, _, inputs = saved
+    model = _load(root, name)
+    answer = _generate(model, inputs)
+    model.save_pretrained(tmp_path / name)
+    reloaded = AudioFlamingo2ForConditionalGeneration.from_pretrained(tmp_path / name)
+    up_proj = reloaded.model.language_model.layers[0].mlp.up_proj
+    original = model.model.language_model.layers[0].mlp.up_proj
+    assert (type(up_proj), type(up_proj.weight)) == (type(original), type(original.weight))
+    assert _generate(reloaded, inputs).tolist() == answer.tolist()
+
+
+@pytest.mark.parametrize("name", ["int8", "bnb-8bit"])
+def test_generate_command_takes_quantization(converted_fixture, capsys, name):
+    """`af2 generate --quantization int8|bnb-8bit` on the parity fixture answers the float32 greedy ids of its first
+    sample (whose smallest greedy logit margin, 0.42, is far above 8-bit rounding)."""
+    import json
+
+    if not _available(name):
+        pytest.skip(f"{LIBRARY[name]} is not installed")
+    fixture = converted_fixture
+    argv = [
+        "generate", "--model", str(fixture.repo), "--audio", str(fixture.wav(0)), "--prompt",
+        fixture.reference["prompts"][0], "--greedy", "--max-new-tokens", str(fixture.reference["max_new_tokens"]),
+        "--device", "cpu", "--quantization", name, "--json",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    tokens = json.loads(capsys.readouterr().out)[0]["tokens"]
+    prompt_length = fixture.ids("s0.prompt_ids").shape[1]
+    assert tokens == fixture.ids("s0.greedy_ids")[0, prompt_length:].tolist()
+
+
+def test_generate_command_refuses_unknown_quantization(capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["generate", "--audio", "a.wav", "--prompt", "q", "--quantization", "fp4"])
+    assert raised.value.code == 2
+    assert "--quantization: invalid choice: 'fp4'" in capsys.readouterr().err
+
+
+@_needs("int4")
+def test_int4_layout_follows_the_device():
+    """CPU: torchao's CPU layout (the only int4 one with a CPU kernel); GPU: tinygemm's (plain int4 needs `mslk`)."""
+    assert type(quantization_config("int4", device="cpu").quant_type).__name__ == "PrototypeInt4WeightOnlyConfig"
+    assert quantization_config("int4", device="cuda").quant_type.int4_packing_format == "tile_packed_to_4d"
