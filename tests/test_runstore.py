@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -396,3 +397,17 @@ def test_the_lock_dies_with_its_process_while_forked_children_live(tmp_path):
         store.close()
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_caption_resume_refuses_another_quantization(repo_copy, tmp_path, capsys):
+    """The same weights quantized are another model: a resume with or without --quantization is refused."""
+    pytest.importorskip("bitsandbytes", reason="the [train] extra (bitsandbytes) is not installed")
+    clip = _noise(tmp_path / "a.wav")
+    out = tmp_path / "out.jsonl"
+    assert _caption_cli(repo_copy, [clip], out, "--quantization", "bnb-8bit") == 0
+    assert "quantized" in json.loads(Path(f"{out}.meta.json").read_text())["provenance"]["model"]["dtype"]
+    assert _caption_cli(repo_copy, [clip], out) == 2
+    error = _last_error(capsys)
+    assert "model.dtype: was 'float32 quantized" in error and "now 'float32'" in error
+    assert _caption_cli(repo_copy, [clip], out, "--quantization", "bnb-8bit") == 0  # the same again: a resume
+    assert "0 done, 0 failed, 1 skipped" in capsys.readouterr().out

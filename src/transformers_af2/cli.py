@@ -279,8 +279,12 @@ def add_model_arguments(parser, default_model: str | None = DEFAULT_MODEL, speed
         type=_non_empty("--config"),
         help="for an original-layout directory without configs/inference.yaml: the original inference YAML",
     )
-    if not speed_options:
-        return
+    if speed_options:
+        add_speed_arguments(parser)
+
+
+def add_speed_arguments(parser) -> None:
+    """`--fast` and `--quantization`; the command passes them to `model_loading_options`."""
     parser.add_argument(
         "--fast",
         action="store_true",
@@ -356,6 +360,22 @@ def _resolve_device(name: str):
     return device
 
 
+def model_loading_options(device, dtype: str = "auto", fast: bool = False, quantization: str | None = None) -> dict:
+    """
+    The `dtype`, `quantization` and `linear_kernels` arguments of `load_model_and_processor` from a command's
+    `--dtype`, `--fast` and `--quantization` (one place for every command): `--fast` picks the dtype when `--dtype` is
+    auto, and the CPU linear kernels (`presets.fast_settings`).
+    """
+    from .presets import fast_settings
+
+    fast_choice = fast_settings(device) if fast else None
+    return {
+        "dtype": parse_dtype(fast_choice.dtype if fast_choice and dtype == "auto" else dtype, device),
+        "quantization": quantization,
+        "linear_kernels": fast_choice.linear_kernels if fast_choice else None,
+    }
+
+
 def load_model_and_processor(
     model_id: str,
     device=None,
@@ -363,6 +383,7 @@ def load_model_and_processor(
     original_config: str | None = None,
     quantization: str | None = None,
     linear_kernels: str | None = None,
+    **from_pretrained_options,
 ):
     """
     `(model, processor)` of any supported family (see `transformers_af2.families`): an AF2 converted repository
@@ -372,11 +393,12 @@ def load_model_and_processor(
     `quantization`: one of `quantization.QUANTIZATION_NAMES` (`--quantization`), applied while loading (AF2; its
     audio side stays unquantized). The model keeps its plain `nn.Linear` layers; on CPU, `linear_kernels` (default
     `$AF2_LINEAR_KERNELS`) routes their products through other kernels (`modeling.cpu_linear.choose_linear_kernels`:
-    "auto" measures them on this machine once).
+    "auto" measures them on this machine once). Other keyword arguments go to `from_pretrained`
+    (`attn_implementation`, ...).
     """
     from .families import load_model_and_processor as load_any_family
 
-    options = {}
+    options = dict(from_pretrained_options)
     if quantization is not None:
         from .families import AudioFlamingo2Family, detect_family
         from .quantization import quantization_config
@@ -444,7 +466,6 @@ def _run_generate(args) -> int:
 
     from .families import detect_family
     from .pipelines import TASK
-    from .presets import fast_settings
     from .utils import set_seed
 
     pairs = _pair_inputs(args.audio, args.prompt)
@@ -453,8 +474,6 @@ def _run_generate(args) -> int:
     if args.stream and args.batch_size > 1:
         raise ValueError("--stream prints one answer at a time; --batch-size does not apply to it.")
     device = _resolve_device(args.device)
-    fast = fast_settings(device) if args.fast else None
-    dtype = parse_dtype(fast.dtype if fast and args.dtype == "auto" else args.dtype, device)
     several = len(pairs) > 1
     errors: dict[int, str] = {}
     for index, (audio, _) in enumerate(pairs):
@@ -472,9 +491,11 @@ def _run_generate(args) -> int:
         if args.seed is not None:
             set_seed(args.seed)
         model, processor = load_model_and_processor(
-            args.model, device=device, dtype=dtype, original_config=args.config, quantization=args.quantization,
-            linear_kernels=fast.linear_kernels if fast else None,
-        )  # fmt: skip
+            args.model,
+            device=device,
+            original_config=args.config,
+            **model_loading_options(device, args.dtype, args.fast, args.quantization),
+        )
         _check_max_new_tokens(args.max_new_tokens, model)
         pipe = pipeline(TASK, model=model, processor=processor, device=device)
         options = {"return_tensors": True, "soundcot_repair": args.soundcot_repair, **_generate_kwargs(args)}

@@ -562,7 +562,7 @@ def add_demo_parser(subparsers, formatter_class=argparse.HelpFormatter, default_
             "  af2 demo --model nvidia/audio-flamingo-2-SoundCoT --share"
         ),
     )
-    add_model_arguments(parser, default_model)
+    add_model_arguments(parser, default_model, speed_options=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     parser.add_argument("--share", action="store_true", help="also publish the page through a gradio.live link")
@@ -574,8 +574,7 @@ def add_demo_parser(subparsers, formatter_class=argparse.HelpFormatter, default_
 
 
 def run_demo(args) -> int:
-    from .cli import _resolve_device, load_model_and_processor
-    from .utils import parse_dtype
+    from .cli import _resolve_device, load_model_and_processor, model_loading_options
 
     try:
         _import_gradio()  # fail before loading a model when the extra is missing
@@ -586,8 +585,8 @@ def run_demo(args) -> int:
     model, processor = load_model_and_processor(
         args.model,
         device=device,
-        dtype=parse_dtype(args.dtype, device),
         original_config=args.config,
+        **model_loading_options(device, args.dtype, args.fast, args.quantization),
     )
     answerer = AudioQuestionAnswerer(model, processor, max_cached_clips=args.max_cached_clips)
     soundcot = answerer.family.supports_soundcot_repair and "soundcot" in str(args.model).lower()

@@ -26,6 +26,7 @@ int4 layout has no serialization: `save_pretrained` raises, so `int4` quantizes 
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 QUANTIZATION_NAMES = ("int8", "int4", "bnb-8bit", "bnb-4bit")
 
@@ -38,6 +39,33 @@ UNQUANTIZED_MODULES = ("model.audio_tower", "model.audio_transformer", r".*\.kv_
 SAVE_SUPPORTED = ("int8", "bnb-8bit", "bnb-4bit")
 
 _LIBRARY = {"int8": "torchao", "int4": "torchao", "bnb-8bit": "bitsandbytes", "bnb-4bit": "bitsandbytes"}
+
+
+class _OncePerMessage(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def quiet_repeated_bitsandbytes_notices() -> None:
+    """
+    bitsandbytes' 8-bit matmul computes in float16 by design and says "inputs will be cast from torch.float32 to
+    float16" at every call of every 8-bit layer: thousands of identical lines in a short run or a caption job. The
+    first says it all: each distinct message of that logger passes once (its other messages are untouched).
+    Installed once per process; used by every command that loads a bitsandbytes model and by the trainer.
+    """
+    cast_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OncePerMessage) for f in cast_logger.filters):
+        cast_logger.addFilter(_OncePerMessage())
 
 
 class QuantizationUnavailableError(RuntimeError):
@@ -79,6 +107,8 @@ def quantization_config(name: str, device=None, dtype=None, group_size: int = 12
     if name.startswith("bnb-"):
         from transformers import BitsAndBytesConfig
 
+        quiet_repeated_bitsandbytes_notices()
+
         if name == "bnb-8bit":
             return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         return BitsAndBytesConfig(
@@ -117,4 +147,5 @@ __all__ = [
     "QuantizationUnavailableError",
     "int4_cpu_kernel_available",
     "quantization_config",
+    "quiet_repeated_bitsandbytes_notices",
 ]

@@ -216,12 +216,15 @@ _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json",
 
 def model_fingerprint(model, model_id: str | os.PathLike | None) -> dict:
     """
-    What identifies the weights a run used, with their dtype:
+    What identifies the weights a run used, with their dtype and, for a quantized model, its quantization config:
     - a hub snapshot: its commit (`hub_revision`);
     - a local directory: `sampled_sha256` of every weight, config and tokenizer file in it (sub-folders included);
     - a model object without either: the SHA-256 of all its parameters and buffers (read once per run).
     """
     dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # the same files quantized otherwise give other answers
+        dtype += " quantized " + json.dumps(quantizer.quantization_config.to_dict(), sort_keys=True, default=str)
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
     directory = Path(os.path.expanduser(str(model_id))) if model_id is not None else None
     if directory is not None and directory.is_dir():

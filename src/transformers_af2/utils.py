@@ -92,6 +92,8 @@ def _plain_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
     """A wrapper tensor subclass (a quantized weight) as its inner plain tensors, through PyTorch's
     `__tensor_flatten__` protocol (its own ops, `reshape` included, may not be implemented); a plain tensor as
     itself."""
+    import torch
+
     if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
         return [tensor]
     names, _ = tensor.__tensor_flatten__()

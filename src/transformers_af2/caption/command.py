@@ -50,6 +50,8 @@ def caption(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "auto",
     dtype: str = "auto",
+    fast: bool = False,
+    quantization: str | None = None,
     num_workers: int = DEFAULT_NUM_WORKERS,
     lookahead: int | None = None,
     progress: bool | None = None,
@@ -80,6 +82,8 @@ def caption(
         model: model id or directory (see `load_model_and_processor`), or a loaded AF2 model with `processor`.
         dtype, device: as in `af2 generate` (`auto`: bfloat16 on GPU, float32 on CPU); under torchrun "auto" and
             "cuda" mean the process's own GPU, `cuda:LOCAL_RANK`.
+        fast, quantization: as `af2 generate --fast` / `--quantization` (`cli.model_loading_options`); the
+            quantization is part of the run's recorded model.
         Others: see `af2 caption --help`.
 
     Returns:
@@ -87,8 +91,8 @@ def caption(
     """
     import torch
 
-    from ..cli import _resolve_device, load_model_and_processor
-    from ..utils import parse_dtype, set_seed
+    from ..cli import _resolve_device, load_model_and_processor, model_loading_options
+    from ..utils import set_seed
 
     with ProcessGroup() as processes:
         inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -118,8 +122,8 @@ def caption(
             model, processor = load_model_and_processor(
                 model_id,
                 device=resolved_device,
-                dtype=parse_dtype(dtype, resolved_device),
                 original_config=config,
+                **model_loading_options(resolved_device, dtype, fast, quantization),
             )
         else:
             if processor is None:
@@ -208,7 +212,7 @@ def add_caption_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFo
         metavar="TEXT",
         help="a question asked about every clip; repeat for several (one row each)",
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, speed_options=True)
     parser.add_argument(
         "--max-new-tokens", type=_positive_int, metavar="N", help="most tokens per answer (default: the model's)"
     )
@@ -282,6 +286,8 @@ def run_caption_command(args) -> int:
             batch_size=args.batch_size,
             device=args.device,
             dtype=args.dtype,
+            fast=args.fast,
+            quantization=args.quantization,
             num_workers=args.num_workers,
             lookahead=args.lookahead,
             progress=False if args.quiet else None,

@@ -19,7 +19,7 @@ def _task_table() -> str:
 
 
 def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter) -> None:
-    from ..cli import DEFAULT_MODEL, _positive_int, add_device_arguments
+    from ..cli import DEFAULT_MODEL, _positive_int, add_device_arguments, add_speed_arguments
 
     parser = subparsers.add_parser(
         "eval",
@@ -74,15 +74,15 @@ def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpForma
         help="start anew in --output: remove af2's files there (other files are left alone)",
     )
     add_device_arguments(parser)
+    add_speed_arguments(parser)
     parser.set_defaults(handler=run_eval_command)
 
 
 def run_eval_command(args) -> int:
     import torch
 
-    from ..cli import _resolve_device, load_model_and_processor
+    from ..cli import _resolve_device, load_model_and_processor, model_loading_options
     from ..families import family_for
-    from ..utils import parse_dtype
     from .engines import CaptionEngine, LoopEngine
     from .generation import BatchedAnswerGenerator
     from .runner import run_evaluation
@@ -92,7 +92,9 @@ def run_eval_command(args) -> int:
     device = _resolve_device(args.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per data-parallel process
-    model, processor = load_model_and_processor(args.model, device=device, dtype=parse_dtype(args.dtype, device))
+    model, processor = load_model_and_processor(
+        args.model, device=device, **model_loading_options(device, args.dtype, args.fast, args.quantization)
+    )
     # The family's own prompt for the task where its authors publish one (recorded as the run's prompt template).
     family_prompt = family_for(model, processor).eval_prompt(args.task)
     prompt_template = args.prompt if args.prompt is not None or family_prompt is None else family_prompt.template

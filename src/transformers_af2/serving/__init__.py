@@ -50,23 +50,16 @@ def resolve_model_path(model: str, original_config: str | None = None) -> str:
 
 
 def load_served_model(path: str, device: str = "auto", dtype: str = "auto", quantization: str | None = None,
-                      attn_implementation: str | None = None):  # fmt: skip
-    """`(model, processor)` of a checkpoint of any family (`transformers_af2.families`), placed on `device` in `dtype`
-    (or quantized with bitsandbytes: `"bnb-8bit"` / `"bnb-4bit"`), in eval mode."""
-    from ..cli import _resolve_device
-    from ..families import load_model_and_processor
-    from ..utils import parse_dtype
+                      attn_implementation: str | None = None, fast: bool = False):  # fmt: skip
+    """`(model, processor)` of a checkpoint of any family (`transformers_af2.families`), placed on `device`, loaded as
+    every command loads it (`cli.load_model_and_processor`: `--dtype`, `--fast`, `--quantization`), in eval mode."""
+    from ..cli import _resolve_device, load_model_and_processor, model_loading_options
 
     place = _resolve_device(device)
-    options = {}
-    if attn_implementation:
-        options["attn_implementation"] = attn_implementation
-    if quantization:
-        from transformers import BitsAndBytesConfig
-
-        bits = {"bnb-8bit": {"load_in_8bit": True}, "bnb-4bit": {"load_in_4bit": True}}[quantization]
-        options.update(quantization_config=BitsAndBytesConfig(**bits), device_map=str(place))
-    return load_model_and_processor(path, device=place, dtype=parse_dtype(dtype, place), **options)
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return load_model_and_processor(
+        path, device=place, **model_loading_options(place, dtype, fast, quantization), **options
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -108,13 +101,10 @@ def add_serve_parser(subparsers, formatter_class=argparse.HelpFormatter, default
             "  af2 serve --model af2-3b-hf --allow-audio-urls cdn.example.com,media.example.org"
         ),
     )
-    add_model_arguments(parser, default_model)
+    add_model_arguments(parser, default_model, speed_options=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     add_device_arguments(parser)
-    parser.add_argument(
-        "--quantization", choices=("bnb-8bit", "bnb-4bit"), help="load the weights quantized with bitsandbytes"
-    )
     parser.add_argument("--attn-implementation", help='attention backend, e.g. "sdpa" or "flash_attention_2"')
     security = parser.add_argument_group("security")
     security.add_argument(
@@ -214,7 +204,9 @@ def run_serve(args) -> int:
     path = resolve_model_path(args.model, args.config)
 
     def load():
-        return load_served_model(path, args.device, args.dtype, args.quantization, args.attn_implementation)
+        return load_served_model(
+            path, args.device, args.dtype, args.quantization, args.attn_implementation, fast=args.fast
+        )
 
     model, processor = load()
     served_names = list(dict.fromkeys([args.model, path]))

@@ -24,7 +24,6 @@ Everything else is the standard Trainer: length-grouped batches with `train_samp
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import os
 import re
 
@@ -33,6 +32,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from ..quantization import quiet_repeated_bitsandbytes_notices
 from .collator import IGNORE_INDEX
 from .stages import (
     TrainableSummary,
@@ -45,27 +45,6 @@ from .stages import (
 logger = logging.get_logger(__name__)
 
 WEIGHT_DECAY_SCOPES = ("cross_attention", "default")
-
-
-class _OncePerMessage(std_logging.Filter):
-    """Lets each distinct message through once. bitsandbytes' 8-bit matmul (QLoRA on `load_in_8bit`) computes in
-    float16 by design and says "inputs will be cast from torch.float32 to float16" at every call of every 8-bit
-    layer: thousands of identical lines in a short run. The first says it all."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message in self.seen:
-            return False
-        self.seen.add(message)
-        return True
-
-
-# Installed once for the process (the logger is bitsandbytes' own; its other messages are untouched).
-_BNB_8BIT_CAST_LOGGER = "bitsandbytes.autograd._functions"
 
 
 class AudioFlamingo2Trainer(Trainer):
@@ -92,9 +71,7 @@ class AudioFlamingo2Trainer(Trainer):
             raise ValueError(f"weight_decay_scope must be one of {WEIGHT_DECAY_SCOPES}, got {weight_decay_scope!r}.")
         self.weight_decay_scope = weight_decay_scope
         self.embedding_rows = self.embedding_parameter_name = None
-        cast_logger = std_logging.getLogger(_BNB_8BIT_CAST_LOGGER)
-        if not any(isinstance(f, _OncePerMessage) for f in cast_logger.filters):
-            cast_logger.addFilter(_OncePerMessage())
+        quiet_repeated_bitsandbytes_notices()
         super().__init__(*args, **kwargs)
         if self.args.label_names is None:
             self.label_names = ["labels"]
