@@ -3,6 +3,7 @@
 for what it cannot send, real HTTP servers that record every request, and a listener that never answers.
 """
 
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -308,22 +309,63 @@ def test_admin_routes_without_a_key_are_refused_at_start(monkeypatch):
     assert not settings_from_args(build_parser().parse_args(["serve"])).audio.allow_urls
 
 
-def test_a_request_over_the_time_limit_ends_with_a_timeout_and_frees_the_model(keyed_server, converted_fixture):
+@pytest.fixture
+def timeout_server(converted_fixture, tmp_path):
+    options = ["--request-timeout", str(REQUEST_TIMEOUT), "--max-tokens-limit", "2000"]
+    with running_server(converted_fixture.repo, tmp_path / "server.log", *options) as (url, process):
+        yield url, process
+
+
+def _held_past_the_time_limit(process) -> None:
+    """Holds the server still (SIGSTOP) until its request time limit has passed, then lets it go on. The deadline is
+    on the monotonic clock, which runs on while the process is stopped: the request cannot finish in time however fast
+    the machine, and a slower machine only makes it later."""
+    process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(REQUEST_TIMEOUT + 1)
+    finally:
+        process.send_signal(signal.SIGCONT)
+
+
+def _health_once_idle(base: str) -> dict:
+    """/health once nothing waits or runs (the model thread has counted every outcome)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        health = httpx.get(f"{base}/health", timeout=WAIT).json()
+        if health["running"] == 0 and health["waiting"] == 0:
+            return health
+        assert time.monotonic() < deadline, f"the server never became idle: {health}"
+        time.sleep(0.05)
+
+
+def test_a_request_over_the_time_limit_ends_with_a_timeout_and_frees_the_model(timeout_server, converted_fixture):
+    url, process = timeout_server
     model = str(converted_fixture.repo)
-    base = keyed_server.removesuffix("/v1")
-    before = httpx.get(f"{base}/health").json()
-    client = openai_client(keyed_server)
+    base = url.removesuffix("/v1")
+    client = openai_client(url)
     messages = audio_message(converted_fixture.wav(0).read_bytes())
+    # Streaming: the first chunk shows the request running; the server is then held past its time limit.
+    stream = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=1900,
+                                            stream=True)  # fmt: skip
     with pytest.raises(openai.APIError) as caught:
-        streamed(client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=1900,
-                                                stream=True))  # fmt: skip
+        for index, _ in enumerate(stream):
+            if index == 0:
+                _held_past_the_time_limit(process)
     assert "request timeout" in caught.value.message
-    with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=1900)
+    assert _health_once_idle(base).get("timeout", 0) == 1  # the model was freed
+    # Not streaming: /health shows it running, then the same.
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            client.chat.completions.create, model=model, messages=messages, temperature=0, max_tokens=1900
+        )
+        while httpx.get(f"{base}/health", timeout=WAIT).json()["running"] == 0:
+            assert not waiting.done(), "the request ended before it was seen running"
+            time.sleep(0.05)
+        _held_past_the_time_limit(process)
+        with pytest.raises(openai.APIStatusError) as caught:
+            waiting.result()
     assert caught.value.status_code == 504 and "request timeout" in caught.value.message
-    after = httpx.get(f"{base}/health").json()
-    assert after.get("timeout", 0) == before.get("timeout", 0) + 2
-    assert after["running"] == 0
+    assert _health_once_idle(base).get("timeout", 0) == 2
 
 
 def test_the_command_line_does_not_import_the_server_stack():
