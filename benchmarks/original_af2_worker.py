@@ -63,9 +63,6 @@ def import_original(directory: Path):
         package = types.ModuleType(name)
         package.__path__ = [str(directory / Path(*name.split(".")))]
         sys.modules[name] = package
-    gz = directory / "my_laion_clap/CLAP/src/laion_clap/clap_module/bpe_simple_vocab_16e6.txt.gz"
-    if gz.is_file() and gz.stat().st_size < 1024:
-        print(f"note: {gz} is a git-lfs pointer (unused by AF2 inference)", file=sys.stderr)
     import inference  # noqa: F401  (the original's audio loading)
     import src.factory as factory
     import src.flamingo_lm as flamingo_lm
@@ -164,21 +161,17 @@ class StepClock:
         return scores
 
 
-def generate(request: dict, model, tokenizer, clap_config: dict, load_audio, device: torch.device) -> dict:
+def timed_generation(request: dict, generate, device: torch.device) -> dict:
+    """One greedy generation for `request`, timed; shared by both sides so they are timed alike. `generate(logits_processor,
+    extra_kwargs)` runs the side's own path from the audio file and returns (ids of prompt + generated, windows)."""
     from transformers import LogitsProcessorList
 
     clock = StepClock(keep_scores=bool(request.get("scores_out")))
-    prompt = torch.tensor([request["prompt_ids"]], dtype=torch.long, device=device)
     extra = {"min_new_tokens": request["new_tokens"]} if request.get("min_new_tokens") else {}
     busy, own = busy_cpu_seconds(), own_cpu_seconds()
     start = time.perf_counter()
     with torch.no_grad():
-        clips, mask = load_audio(request["audio"], clap_config)
-        output = model.generate(
-            audio_x=clips.to(device).unsqueeze(0), audio_x_mask=mask.to(device).unsqueeze(0), lang_x=prompt,
-            eos_token_id=tokenizer.eos_token_id, max_new_tokens=request["new_tokens"], do_sample=False, num_beams=1,
-            logits_processor=LogitsProcessorList([clock]), **extra,
-        )[0]  # fmt: skip
+        output, windows = generate(LogitsProcessorList([clock]), extra)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
@@ -187,12 +180,28 @@ def generate(request: dict, model, tokenizer, clap_config: dict, load_audio, dev
         np.save(request["scores_out"], torch.stack(clock.scores).numpy())
     return {
         "prefill_s": clock.times[0] - start,
-        "step_s": list(np.diff(clock.times)),
+        "step_s": [float(step) for step in np.diff(clock.times)],
         "wall_s": wall,
         "ids": output.tolist(),
-        "windows": int(mask.shape[0]),
+        "windows": windows,
         "others_cores": max(0.0, others),
     }
+
+
+def generate_original(request: dict, model, tokenizer, clap_config: dict, load_audio, device: torch.device) -> dict:
+    """The original's path: `inference.load_audio` (file -> windows) and `Flamingo.generate`, greedy."""
+    prompt = torch.tensor([request["prompt_ids"]], dtype=torch.long, device=device)
+
+    def run(logits_processor, extra):
+        clips, mask = load_audio(request["audio"], clap_config)
+        output = model.generate(
+            audio_x=clips.to(device).unsqueeze(0), audio_x_mask=mask.to(device).unsqueeze(0), lang_x=prompt,
+            eos_token_id=tokenizer.eos_token_id, max_new_tokens=request["new_tokens"], do_sample=False, num_beams=1,
+            logits_processor=logits_processor, **extra,
+        )[0]  # fmt: skip
+        return output, int(mask.shape[0])
+
+    return timed_generation(request, run, device)
 
 
 def main() -> None:
@@ -233,7 +242,7 @@ def main() -> None:
         request = json.loads(line)
         if request["op"] == "quit":
             break
-        result = generate(request, model, tokenizer, setup["clap_config"], inference.load_audio, device)
+        result = generate_original(request, model, tokenizer, setup["clap_config"], inference.load_audio, device)
         print(json.dumps(result), file=answer, flush=True)
 
 

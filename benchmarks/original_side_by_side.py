@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from measurement import busy_cpu_seconds, log, machine_description, own_cpu_seconds, write_json
-from original_af2_worker import StepClock
+from measurement import log, machine_description, write_json
+from original_af2_worker import timed_generation
 from shapes import SHAPES, build_config, build_random_model
 
 from transformers_af2 import AudioFlamingo2FeatureExtractor
@@ -133,33 +133,20 @@ class OursSide:
         torch.set_num_threads(threads)
 
     def run(self, request: dict) -> dict:
-        from transformers import LogitsProcessorList
-
-        model, config = self.model, self.model.config
-        clock = StepClock(keep_scores=bool(request.get("scores_out")))
+        config = self.model.config
         ids = torch.tensor([request["prompt_ids"]], dtype=torch.long)
-        extra = {"min_new_tokens": request["new_tokens"]} if request.get("min_new_tokens") else {}
-        busy, own = busy_cpu_seconds(), own_cpu_seconds()
-        start = time.perf_counter()
-        features = self.extractor(request["audio"])
-        output = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), input_features=features["input_features"],
-            input_features_mask=features["input_features_mask"], max_new_tokens=request["new_tokens"],
-            do_sample=False, num_beams=1, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-            logits_processor=LogitsProcessorList([clock]), **extra,
-        )[0]  # fmt: skip
-        wall = time.perf_counter() - start
-        others = (busy_cpu_seconds() - busy - (own_cpu_seconds() - own)) / max(wall, 1e-9)
-        if clock.keep_scores:
-            np.save(request["scores_out"], torch.stack(clock.scores).numpy())
-        return {
-            "prefill_s": clock.times[0] - start,
-            "step_s": list(np.diff(clock.times)),
-            "wall_s": wall,
-            "ids": output.tolist(),
-            "windows": int(features["input_features_mask"].sum()),
-            "others_cores": max(0.0, others),
-        }
+
+        def run(logits_processor, extra):
+            features = self.extractor(request["audio"])
+            output = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), input_features=features["input_features"],
+                input_features_mask=features["input_features_mask"], max_new_tokens=request["new_tokens"],
+                do_sample=False, num_beams=1, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                logits_processor=logits_processor, **extra,
+            )[0]  # fmt: skip
+            return output, int(features["input_features_mask"].sum())
+
+        return timed_generation(request, run, torch.device("cpu"))
 
     def close(self) -> None:
         del self.model
