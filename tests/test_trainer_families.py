@@ -179,6 +179,7 @@ def checkpoints(tmp_path_factory, clips):
         (["--stage", "pretrain", "--lora", "language_model"], "stage 'pretrain'"),
         (["--lora", "cross_attention"], "--lora cross_attention: LoRA targets for this family are language_model"),
         (["--lora", "language_model", "--train-embeddings", "new"], "--train-embeddings new is AF2's"),
+        (["--lora", "language_model", "--weight-decay", "0.1"], "add --weight-decay-scope default"),
     ],
 )
 def test_what_af2_alone_has_is_refused_in_one_line(checkpoints, tmp_path, options, refusal):
@@ -268,3 +269,73 @@ def test_af2_train_resumes_an_af3_lora_run(checkpoints, tmp_path):
     b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-6
+
+
+def test_qlora_on_an_8bit_audio_flamingo_3_is_the_same_code_path(checkpoints, clips, tmp_path):
+    """A model loaded in 8 bits (bitsandbytes on CPU) takes the same `apply_lora` and trainer as a float one: the
+    adapters move, the quantized weights do not, the loss falls."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is a training extra: pip install transformers-af2[train]")
+    import datasets
+    from transformers import BitsAndBytesConfig, TrainingArguments
+
+    from transformers_af2.trainer import AudioFlamingo2Trainer, apply_lora
+
+    family = family_class("audioflamingo3")
+    model, processor = family.load(
+        str(checkpoints / "audioflamingo3"), dtype="float32", quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+    )
+    quantized = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.int8}
+    assert any(".language_model.layers." in name for name in quantized)
+    model = apply_lora(model, "language_model", r=4)
+    trainer = AudioFlamingo2Trainer(
+        model=model,
+        args=TrainingArguments(
+            str(tmp_path / "out"),
+            per_device_train_batch_size=2,
+            max_steps=3,
+            learning_rate=2e-2,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            lr_scheduler_type="constant",
+        ),  # fmt: skip
+        data_collator=TrainingDataCollator(family(processor)),
+        train_dataset=datasets.Dataset.from_list(_examples(clips)[:1] * 2),
+        weight_decay_scope="default",
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses
+    after = {
+        name.replace("base_model.model.", "", 1).replace(".base_layer.", "."): param
+        for name, param in model.named_parameters()
+        if param.dtype == torch.int8
+    }
+    assert after.keys() == quantized.keys()
+    assert all(torch.equal(after[name], quantized[name]) for name in quantized)
+
+
+def test_every_row_is_checked_with_the_familys_front_end(clips, tmp_path):
+    """The row check before training reads each row as the collator will: a file that is not audio and a row over
+    max_length are reported (and dropped with skip_bad_rows), the good row is kept; the length column counts the
+    family's 30 s windows."""
+    import datasets
+
+    from transformers_af2.trainer import check_training_data, from_hf_dataset
+
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("not a sound")
+    collator = _collator("audioflamingo3", max_length=110)
+    rows = _examples(clips) + [{"audio": str(not_audio), "prompt": "What?", "answer": "rain"}]
+    dataset = from_hf_dataset(datasets.Dataset.from_list(rows), family=collator.family)
+    assert dataset["num_windows"] == [1, 1, 1]
+    kept, report = check_training_data(dataset, collator, skip_bad_rows=True)
+    assert report.rows == 3 and report.kept == 1 and report.over_long == 1
+    assert [(entry["row"], entry["kind"]) for entry in report.dropped] == [
+        (1, "no trainable label"),
+        (2, "unreadable audio"),
+    ]
+    assert "over max_length=110" in report.dropped[0]["reason"] and "notes.wav" in report.dropped[1]["reason"]
+    assert kept["answer"] == ["dog bark"]

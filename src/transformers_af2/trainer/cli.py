@@ -278,6 +278,12 @@ def _refuse_what_the_family_lacks(args, family) -> None:
         refusal = f"--lora {args.lora}: LoRA targets for this family are {', '.join(family.lora_targets)}"
     elif args.train_embeddings not in (None, "none") and not family.trains_new_embedding_rows:
         refusal = f"--train-embeddings {args.train_embeddings} is AF2's (its added token rows); use none"
+    elif (
+        args.weight_decay_scope == "cross_attention"
+        and getattr(args, "weight_decay", 0)
+        and ("cross_attention" not in family.lora_targets)
+    ):
+        refusal = "it has no cross-attention blocks for --weight-decay to apply to; add --weight-decay-scope default"
     if refusal:
         raise ValueError(f"--model {args.model} is {family.display_name}: {refusal}.")
 
