@@ -276,7 +276,8 @@ def test_qlora_on_an_8bit_audio_flamingo_3_is_the_same_code_path(checkpoints, cl
     adapters move, the quantized weights do not, the loss falls."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is a training extra: pip install transformers-af2[train]")
     import datasets
-    from transformers import BitsAndBytesConfig, TrainingArguments
+    from test_trainer import _args
+    from transformers import BitsAndBytesConfig
 
     from transformers_af2.trainer import AudioFlamingo2Trainer, apply_lora
 
@@ -289,18 +290,7 @@ def test_qlora_on_an_8bit_audio_flamingo_3_is_the_same_code_path(checkpoints, cl
     model = apply_lora(model, "language_model", r=4)
     trainer = AudioFlamingo2Trainer(
         model=model,
-        args=TrainingArguments(
-            str(tmp_path / "out"),
-            per_device_train_batch_size=2,
-            max_steps=3,
-            learning_rate=2e-2,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            disable_tqdm=True,
-            lr_scheduler_type="constant",
-        ),  # fmt: skip
+        args=_args(tmp_path, max_steps=3, learning_rate=2e-2),
         data_collator=TrainingDataCollator(family(processor)),
         train_dataset=datasets.Dataset.from_list(_examples(clips)[:1] * 2),
         weight_decay_scope="default",
