@@ -211,7 +211,7 @@ def test_af2_train_refuses_af2_stages_for_other_families_naming_what_they_train(
     error = capsys.readouterr().err
     name = {"audioflamingo3": "Audio Flamingo 3", "musicflamingo": "Music Flamingo"}[model_type]
     # Without --lora the stage is AF2's "finetune" (audio transformer, cross-attention, CLAP tower).
-    assert f"--model {folder} is {name}: stage 'finetune' trains AF2's own modules" in error
+    assert f"--model {folder} is {name}: stage 'finetune' is AF2's recipe" in error
     assert "--stage none (LoRA: --lora language_model)" in error
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # refused before any work
 

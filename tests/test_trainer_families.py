@@ -174,7 +174,7 @@ def checkpoints(tmp_path_factory, clips):
     [
         (
             [],
-            "stage 'finetune' trains AF2's own modules; this family trains with --stage none (LoRA: --lora language_model)",
+            "stage 'finetune' is AF2's recipe (its audio transformer, cross-attention, CLAP tower); this family trains with --stage none (LoRA: --lora language_model)",
         ),
         (["--stage", "pretrain", "--lora", "language_model"], "stage 'pretrain'"),
         (["--lora", "cross_attention"], "--lora cross_attention: LoRA targets for this family are language_model"),
@@ -211,27 +211,43 @@ def _train(checkpoints, model_type, output_dir, *extra):
     return json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"], done.stderr
 
 
+@pytest.fixture(scope="module")
+def trained(checkpoints, tmp_path_factory):
+    """`trained(model_type)`: `(log history, stderr, output folder)` of one `af2 train` LoRA run of 4 steps,
+    checkpoints at steps 2 and 4, the merged model written; run once per family and shared by the tests below."""
+    runs = {}
+
+    def run(model_type):
+        if model_type not in runs:
+            folder = tmp_path_factory.mktemp(f"run-{model_type}")
+            history, stderr = _train(
+                checkpoints, model_type, folder, "--max-steps", "4", "--save-steps", "2", "--merge-lora"
+            )
+            runs[model_type] = history, stderr, folder
+        return runs[model_type]
+
+    return run
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_af2_train_lora_learns_saves_and_the_adapter_loads_back(model_type, checkpoints, clips, tmp_path):
-    history, stderr = _train(
-        checkpoints, model_type, tmp_path / "run", "--max-steps", "4", "--save-strategy", "no", "--merge-lora"
-    )
+def test_af2_train_lora_learns_saves_and_the_adapter_loads_back(model_type, trained, checkpoints, clips):
+    history, stderr, run = trained(model_type)
     assert "LoRA on language_model (stage none)" in stderr
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) == 4
     # The same example 2 x 4 times: each step lowers the loss, and the last is well under the first.
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.7 * losses[0], losses
-    eval_loss = json.loads((tmp_path / "run" / "eval_results.json").read_text())["eval_loss"]
+    eval_loss = json.loads((run / "eval_results.json").read_text())["eval_loss"]
 
     # The adapter holds only LoRA weights of the language model, and loaded on a fresh base it gives the loss the
     # trained model had in the run (its eval on the same example).
     from safetensors.torch import load_file
 
-    weights = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    weights = load_file(run / "adapter_model.safetensors")
     assert weights and all(".language_model.layers." in name and "lora_" in name for name in weights)
     model, processor = family_class(model_type).load(str(checkpoints / model_type), dtype="float32")
-    loaded = load_lora(model, str(tmp_path / "run"))
+    loaded = load_lora(model, str(run))
     batch = TrainingDataCollator(family_class(model_type)(processor))(_examples(clips)[:1])
     with torch.no_grad():
         loss = loaded(**batch).loss.item()
@@ -241,21 +257,21 @@ def test_af2_train_lora_learns_saves_and_the_adapter_loads_back(model_type, chec
     assert loss == pytest.approx(eval_loss, rel=1e-4)
     assert loss < 0.7 * untrained
     # The merged model the run wrote (adapters folded in, a plain model of the family) gives the adapter's logits.
-    merged, _ = family_class(model_type).load(str(tmp_path / "run" / "merged"), dtype="float32")
+    merged, _ = family_class(model_type).load(str(run / "merged"), dtype="float32")
     assert type(merged) is family_class(model_type).model_class()
     with torch.no_grad():
         difference = (merged(**batch).logits - loaded(**batch).logits).abs().max().item()
     assert difference < 1e-4
 
 
-def test_af2_train_resumes_an_af3_lora_run(checkpoints, tmp_path):
+def test_af2_train_resumes_an_af3_lora_run(trained, checkpoints, tmp_path):
     """A run resumed from step 2's checkpoint logs steps 3 and 4 as the uninterrupted run did and writes the same
     adapter (a kill -9 during a save is tested for AF2 in test_trainer_runs; the checkpoint logic is shared)."""
     from safetensors.torch import load_file
 
-    full, _ = _train(checkpoints, "audioflamingo3", tmp_path / "full", "--max-steps", "4", "--save-steps", "2")
+    full, _, full_run = trained("audioflamingo3")
     # The run as it stood after step 2's save: its checkpoint-2, without what steps 3 and 4 wrote.
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    shutil.copytree(full_run / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     resumed, stderr = _train(
         checkpoints, "audioflamingo3", tmp_path / "resumed", "--max-steps", "4", "--save-steps", "2",
         "--resume-from-checkpoint", "last",
@@ -265,7 +281,7 @@ def test_af2_train_resumes_an_af3_lora_run(checkpoints, tmp_path):
     assert sorted(full_losses) == [1, 2, 3, 4]
     for step in (3, 4):
         assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-5)
-    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    a = load_file(full_run / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-6

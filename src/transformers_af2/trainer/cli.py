@@ -83,8 +83,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     own.add_argument(
         "--model",
         required=True,
-        help="converted AF2 repository (directory or hub id), a checkpoint in the original layout, or a LoRA "
-        "adapter saved by af2 train (folder or hub id): that adapter is then trained further",
+        help="converted AF2 repository (directory or hub id), a checkpoint in the original layout, an Audio "
+        "Flamingo 3 / Music Flamingo checkpoint (with --lora language_model), or a LoRA adapter saved by af2 train "
+        "(folder or hub id): that adapter is then trained further",
     )
     own.add_argument("--processor", help="processor to use (default: the one saved with --model)")
     own.add_argument(
@@ -270,7 +271,8 @@ def _refuse_what_the_family_lacks(args, family) -> None:
         refusal = family.training_unsupported
     elif stage not in family.training_stages:
         refusal = (
-            f"stage {stage!r} trains AF2's own modules; this family trains with --stage "
+            f"stage {stage!r} is AF2's recipe (its audio transformer, cross-attention, CLAP tower); this family "
+            f"trains with --stage "
             f"{' or '.join(family.training_stages)}"
             + (f" (LoRA: --lora {','.join(family.lora_targets)})" if family.lora_targets else "")
         )
