@@ -97,7 +97,10 @@ def test_collator_labels_match_an_independent_construction(model_type, clips):
         assert own == [-100 if token in AUDIO_IDS[model_type] else token for token in ids]
         assert own[-len(kept) :] == kept
     assert batch["input_ids"].shape[1] == max(lengths)
-    assert lengths[1] > lengths[0]  # the longer clip has more audio tokens: the batch is really padded
+    # One <sound> per encoder frame: 2 s = 200 mel frames, halved by the stride-2 convolution (100) and by the
+    # pooling (50); 3.5 s: 350 -> 175 -> 87. The longer clip makes the batch really padded.
+    assert (batch["input_ids"] == SOUND_ID).sum(dim=1).tolist() == [50, 87]
+    assert lengths[1] > lengths[0]
     # 2 s and 3.5 s clips: one 30 s window each.
     assert batch["input_features"].shape == (2, 128, 3000) and batch["input_features_mask"].shape == (2, 3000)
 
