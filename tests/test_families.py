@@ -202,7 +202,7 @@ def test_eval_mmau_with_af3_prompt(engine, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
-def test_af2_train_refuses_other_families_naming_what_is_missing(model_type, tmp_path, capsys):
+def test_af2_train_refuses_af2_stages_for_other_families_naming_what_they_train(model_type, tmp_path, capsys):
     folder = save_tiny_checkpoint(tmp_path / model_type, model_type)
     train_file = tmp_path / "train.jsonl"
     train_file.write_text(json.dumps({"path": "clip.wav", "prompt": "Describe the audio.", "output": "rain"}) + "\n")
@@ -210,8 +210,9 @@ def test_af2_train_refuses_other_families_naming_what_is_missing(model_type, tmp
     assert cli.main([*argv, "--report-to", "none", "--use-cpu"]) == 2  # the command line's usage-error status
     error = capsys.readouterr().err
     name = {"audioflamingo3": "Audio Flamingo 3", "musicflamingo": "Music Flamingo"}[model_type]
-    assert f"--model {folder} is {name}: af2 train's data reader, collator" in error
-    assert "output_labels=True" in error
+    # Without --lora the stage is AF2's "finetune" (audio transformer, cross-attention, CLAP tower).
+    assert f"--model {folder} is {name}: stage 'finetune' is AF2's recipe" in error
+    assert "--stage none (LoRA: --lora language_model)" in error
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # refused before any work
 
 

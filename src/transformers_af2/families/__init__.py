@@ -16,7 +16,7 @@ import os
 
 from .af2 import AudioFlamingo2Family
 from .audioflamingo3 import AudioFlamingo3Family, MusicFlamingoFamily, split_thinking
-from .base import EncodedAudio, EvalPrompt, ModelFamily, decode_mono, source_seconds
+from .base import EncodedAudio, EvalPrompt, ModelFamily, UnreadableAudio, decode_mono, source_seconds
 
 FAMILIES: dict[str, type[ModelFamily]] = {}
 
@@ -93,6 +93,7 @@ __all__ = [
     "EvalPrompt",
     "ModelFamily",
     "MusicFlamingoFamily",
+    "UnreadableAudio",
     "decode_mono",
     "detect_family",
     "family_class",

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 
-from .base import EncodedAudio, ModelFamily, source_seconds
+from .base import EncodedAudio, ModelFamily, UnreadableAudio, source_seconds
 
 
 class AudioFlamingo2Family(ModelFamily):
@@ -23,6 +23,9 @@ class AudioFlamingo2Family(ModelFamily):
     has_af2_pipeline = True
     # AF2's own prompts are the tasks' (evaluation.tasks documents where each comes from).
     eval_prompts = {}
+    training_stages = ("pretrain", "finetune", "long-audio", "full", "none")
+    lora_targets = ("language_model", "cross_attention", "audio_transformer")
+    trains_new_embedding_rows = True
 
     @classmethod
     def load(cls, model_id: str, dtype=None, original_config: str | None = None, **from_pretrained_options):
@@ -179,6 +182,38 @@ class AudioFlamingo2Family(ModelFamily):
 
     def spectrogram(self, clip: EncodedAudio) -> np.ndarray:
         return clip.features["input_features"].float().numpy()
+
+    # -- training: the original's text and label rule (trainer.collator) ---------------------------------------------
+    def training_inputs(
+        self, prompts, answers, audios, audio_starts=None, max_length=512, sampling_rate=None, pad_to_multiple_of=None
+    ) -> dict:
+        """AF2's training text (`processor.build_training_text`) truncated to `max_length` with the processor's label
+        rule, and AF2's windows: `input_features` (batch, windows, frames, mels), `input_features_mask` (batch,
+        windows), padded to the batch's largest."""
+        from ..trainer.collator import af2_audio_features, af2_training_tokens
+
+        texts = [self.processor.build_training_text(p, a) for p, a in zip(prompts, answers, strict=True)]
+        batch = af2_training_tokens(self.processor, texts, max_length, pad_to_multiple_of)
+        starts = audio_starts if audio_starts is not None else [0.0] * len(audios)
+        batch.update(af2_audio_features(self.feature_extractor, audios, starts, sampling_rate))
+        return batch
+
+    def check_training_example(self, prompt, answer, audio, audio_start=0.0, max_length=512, sampling_rate=None):
+        from ..trainer.collator import af2_training_tokens
+
+        try:
+            self.feature_extractor.load_audio(audio, sampling_rate=sampling_rate, start=float(audio_start))
+        except Exception as error:  # whatever fails to decode here would fail the run at that step
+            raise UnreadableAudio(" ".join(str(error).split()).rstrip(".") or type(error).__name__) from error
+        text = self.processor.build_training_text(prompt, answer)
+        tokens = len(self.processor.tokenizer(text)["input_ids"])
+        labels = af2_training_tokens(self.processor, [text], max_length)["labels"]
+        return tokens, int((labels != -100).sum())
+
+    def training_windows(self, audio, audio_start: float = 0.0) -> int:
+        from ..trainer.data import count_windows
+
+        return count_windows(audio, self.feature_extractor, audio_start)
 
     def stop_kwargs(self, model) -> dict:
         # The original's evaluation stops at the tokenizer's eos.

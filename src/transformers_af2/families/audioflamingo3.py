@@ -21,9 +21,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.utils import logging
 
 from ..generation_utils import through_first_eos
-from .base import EncodedAudio, EvalPrompt, ModelFamily, decode_mono
+from .base import EncodedAudio, EvalPrompt, ModelFamily, UnreadableAudio, decode_mono
+
+logger = logging.get_logger(__name__)
 
 # The multiple-choice instruction of AF3's model documentation in transformers (docs/source/en/model_doc/
 # audioflamingo3.md, "Instruction: ... Choose the correct option among the options below: (A) ... (B) ...."),
@@ -59,13 +62,10 @@ class AudioFlamingo3Family(ModelFamily):
     display_name = "Audio Flamingo 3"
     short_name = "AF3"
     eval_prompts = {"mmau": AF3_MMAU_PROMPT}
-    training_unsupported = (
-        "af2 train's data reader, collator, training stages and LoRA targets are AF2's (windows of its own front "
-        "end, <audio>/<SEP> labels, cross-attention layers). Fine-tuning this family needs a collator built on its "
-        "processor's chat template with output_labels=True (which masks the audio tokens and padding), a reader "
-        "producing 16 kHz waveforms, and LoRA targets for its Qwen2 language model: not implemented yet. Meanwhile "
-        "transformers' Trainer with the processor's output_labels=True batches and peft's LoRA fine-tune it."
-    )
+    # Fine-tuning: LoRA on the Qwen2 language model; the audio encoder and projector stay as released (see
+    # trainer/README.md). AF2's stages name AF2's own modules (audio transformer, cross-attention) and do not apply.
+    training_stages = ("none",)
+    lora_targets = ("language_model",)
 
     @classmethod
     def model_class(cls):
@@ -144,6 +144,86 @@ class AudioFlamingo3Family(ModelFamily):
                 "input_features_mask": torch.cat([clip.features["input_features_mask"] for clip in clips]),
             }
         )
+
+    # -- training ----------------------------------------------------------------------------------------------------
+    # The token that ends the assistant's turn in the chat template (and that generation stops at).
+    end_of_turn = "<|im_end|>"
+
+    def training_waveform(self, audio, audio_start: float = 0.0, sampling_rate: int | None = None) -> np.ndarray:
+        """The clip as the processor takes it (mono, at its rate), from `audio_start` seconds on; raises
+        `UnreadableAudio` when it cannot be read."""
+        rate, start = self.sampling_rate, float(audio_start or 0.0)
+        try:
+            waveform, seconds = decode_mono(audio, sampling_rate, rate, self.max_seconds + start)
+        except Exception as error:  # whatever fails to decode here would fail the run at that step
+            raise UnreadableAudio(" ".join(str(error).split()).rstrip(".") or type(error).__name__) from error
+        first = int(round(start * rate))
+        if first >= len(waveform):
+            raise UnreadableAudio(f"audio_start {start} s is at or past the end of the clip ({seconds:.3f} s)")
+        return waveform[first:]
+
+    def training_row(self, prompt: str, answer: str, waveform: np.ndarray) -> tuple[dict, int]:
+        """
+        One example through the processor: the chat template's user turn (audio, then `prompt`) and the assistant's
+        `answer` closed by `<|im_end|>`, with `output_labels=True`. transformers' rule masks the audio tokens and the
+        padding only, so the system prompt and the question would be trained on too; here every token before the
+        answer is -100 as well. Returns `(inputs of one row, index of the first answer token)`.
+        """
+        text = self.chat_prompt(prompt) + answer + self.end_of_turn
+        encoded = self.processor(text=[text], audio=[waveform], output_labels=True, return_tensors="pt")
+        ids, labels = encoded["input_ids"][0], encoded["labels"][0].clone()
+        answer_ids = self.processor.tokenizer(answer + self.end_of_turn, add_special_tokens=False)["input_ids"]
+        first = len(ids) - len(answer_ids)
+        if ids[first:].tolist() != answer_ids:
+            raise ValueError(
+                f"answer {answer!r}: its tokens merge with the prompt's end in the chat template, so the answer's "
+                "labels cannot be told apart; strip the answer's leading whitespace."
+            )
+        labels[:first] = -100
+        features = {key: encoded[key] for key in ("input_features", "input_features_mask")}
+        return {"input_ids": ids, "labels": labels, **features}, first
+
+    def training_inputs(
+        self, prompts, answers, audios, audio_starts=None, max_length=512, sampling_rate=None, pad_to_multiple_of=None
+    ) -> dict:
+        """`input_ids`, `attention_mask`, `labels` (batch, tokens; right padded with the pad token) and every window
+        of the batch, `input_features` (windows, mels, frames) and `input_features_mask` (windows, frames), as in
+        `batch_inputs`. A sample over `max_length` keeps its prompt whole (its audio tokens must match its windows)
+        and loses the rest; its answer is not trained on."""
+        starts = audio_starts if audio_starts is not None else [0.0] * len(audios)
+        rows = []
+        for prompt, answer, audio, start in zip(prompts, answers, audios, starts, strict=True):
+            row, first = self.training_row(prompt, answer, self.training_waveform(audio, start, sampling_rate))
+            if len(row["input_ids"]) > max_length:
+                logger.warning_once(
+                    f"a training sample is longer than max_length={max_length} tokens; its answer is not trained on. "
+                    "Shorten the prompt or the answer, or raise max_length."
+                )
+                keep = max(max_length, first)
+                row["input_ids"], row["labels"] = row["input_ids"][:keep], torch.full((keep,), -100)
+            rows.append(row)
+        width = max(len(row["input_ids"]) for row in rows)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for index, row in enumerate(rows):
+            length = len(row["input_ids"])
+            input_ids[index, :length], labels[index, :length] = row["input_ids"], row["labels"]
+            attention_mask[index, :length] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "input_features": torch.cat([row["input_features"] for row in rows]),
+            "input_features_mask": torch.cat([row["input_features_mask"] for row in rows]),
+        }
+
+    def check_training_example(self, prompt, answer, audio, audio_start=0.0, max_length=512, sampling_rate=None):
+        row, first = self.training_row(prompt, answer, self.training_waveform(audio, audio_start, sampling_rate))
+        tokens = len(row["input_ids"])
+        return tokens, 0 if tokens > max_length else tokens - first
 
     def to_model(self, batch, model):
         # The audio tower's convolutions take the model's dtype (AF2's model casts itself; these do not).

@@ -21,6 +21,10 @@ import soundfile as sf
 import torch
 
 
+class UnreadableAudio(ValueError):
+    """A training example's audio cannot be read (`ModelFamily.check_training_example`)."""
+
+
 @dataclass
 class EncodedAudio:
     """
@@ -66,8 +70,13 @@ class ModelFamily:
     supports_soundcot_repair: ClassVar[bool] = False
     # True for AF2 alone: this package's pipeline (`af2 generate`, `pipeline("audio-text-to-text")`) is AF2's.
     has_af2_pipeline: ClassVar[bool] = False
-    # Why `af2 train` cannot fine-tune this family yet (None: it can), said to the user as the refusal.
+    # Why `af2 train` cannot fine-tune this family (None: it can), said to the user as the refusal.
     training_unsupported: ClassVar[str | None] = None
+    # What `af2 train` can train in this family besides LoRA adapters: stage names of `trainer.stages.STAGES`, LoRA
+    # targets of `trainer.lora.LORA_TARGETS`, and whether new token rows of the embedding matrix train (AF2's).
+    training_stages: ClassVar[tuple[str, ...]] = ()
+    lora_targets: ClassVar[tuple[str, ...]] = ()
+    trains_new_embedding_rows: ClassVar[bool] = False
 
     def __init__(self, processor):
         self.processor = processor
@@ -177,6 +186,47 @@ class ModelFamily:
     def eval_prompt(self, task: str) -> EvalPrompt | None:
         """The family's own prompt for benchmark `task`, or None to use the task's."""
         return self.eval_prompts.get(task)
+
+    # -- training (`af2 train`, `trainer.TrainingDataCollator`) --------------------------------------------------------
+    def training_inputs(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        audios: Sequence,
+        audio_starts: Sequence[float] | None = None,
+        max_length: int = 512,
+        sampling_rate: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> dict:
+        """
+        The training batch of `prompts[i]` about `audios[i]` answered by `answers[i]` (audio as `encode_audio` takes
+        it, read from `audio_starts[i]` seconds on): `input_ids`, `attention_mask`, `labels` (batch, tokens), right
+        padded, labels -100 on the prompt, the audio and the padding and the token ids on the answer and its end of
+        turn, plus the family's audio features. A sample over `max_length` tokens has its answer cut and not
+        trained on (a warning says so).
+        """
+        raise NotImplementedError
+
+    def check_training_example(
+        self,
+        prompt: str,
+        answer: str,
+        audio,
+        audio_start: float = 0.0,
+        max_length: int = 512,
+        sampling_rate: int | None = None,
+    ) -> tuple[int, int]:
+        """`(tokens, trainable labels)` of one training example: its full token count and how many labels
+        `training_inputs` leaves it under `max_length`. Raises `UnreadableAudio` when the audio cannot be read."""
+        raise NotImplementedError
+
+    def training_windows(self, audio, audio_start: float = 0.0) -> int:
+        """Windows the model reads of a training clip, from the file header (1 when it cannot tell: reading the
+        audio reports the error); the readers' `length` column sorts on it."""
+        seconds = source_seconds(audio)
+        if seconds is None:
+            return 1
+        return self.coverage(max(0.0, seconds - float(audio_start or 0.0)))[0]
 
     @torch.inference_mode()
     def answer(self, model, questions: Sequence[str], audios: Sequence, generate_kwargs: dict, sampling_rate=None):

@@ -24,6 +24,7 @@ import importlib
 # submodule) does not import transformers' Trainer, peft, bitsandbytes and datasets before a command needs them.
 _HOMES = {
     "AudioFlamingo2DataCollator": "collator",
+    "TrainingDataCollator": "collator",
     "af2_labels": "collator",
     "build_training_text": "collator",
     "DataCheck": "data",

@@ -83,8 +83,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     own.add_argument(
         "--model",
         required=True,
-        help="converted AF2 repository (directory or hub id), a checkpoint in the original layout, or a LoRA "
-        "adapter saved by af2 train (folder or hub id): that adapter is then trained further",
+        help="converted AF2 repository (directory or hub id), a checkpoint in the original layout, an Audio "
+        "Flamingo 3 / Music Flamingo checkpoint (with --lora language_model), or a LoRA adapter saved by af2 train "
+        "(folder or hub id): that adapter is then trained further",
     )
     own.add_argument("--processor", help="processor to use (default: the one saved with --model)")
     own.add_argument(
@@ -259,9 +260,38 @@ def _checked_data(path, reader: dict, collator, args, training_args, dropped_nam
     return dataset
 
 
-def _model_and_trainable(args, adapter: dict | None):
+def _refuse_what_the_family_lacks(args, family) -> None:
+    """Stops, in one line, a run asking for what `family` cannot train (its `training_stages`, `lora_targets`,
+    `trains_new_embedding_rows`), before the data is read."""
+    from .lora import resolve_lora_targets
+
+    refusal = None
+    stage = args.stage or ("none" if args.lora else "finetune")
+    if family.training_unsupported:
+        refusal = family.training_unsupported
+    elif stage not in family.training_stages:
+        refusal = (
+            f"stage {stage!r} is AF2's recipe (its audio transformer, cross-attention, CLAP tower); this family "
+            f"trains with --stage "
+            f"{' or '.join(family.training_stages)}"
+            + (f" (LoRA: --lora {','.join(family.lora_targets)})" if family.lora_targets else "")
+        )
+    elif args.lora and not set(resolve_lora_targets(args.lora)) <= set(family.lora_targets):
+        refusal = f"--lora {args.lora}: LoRA targets for this family are {', '.join(family.lora_targets)}"
+    elif args.train_embeddings not in (None, "none") and not family.trains_new_embedding_rows:
+        refusal = f"--train-embeddings {args.train_embeddings} is AF2's (its added token rows); use none"
+    elif (
+        args.weight_decay_scope == "cross_attention"
+        and getattr(args, "weight_decay", 0)
+        and ("cross_attention" not in family.lora_targets)
+    ):
+        refusal = "it has no cross-attention blocks for --weight-decay to apply to; add --weight-decay-scope default"
+    if refusal:
+        raise ValueError(f"--model {args.model} is {family.display_name}: {refusal}.")
+
+
+def _model_and_trainable(args, adapter: dict | None, family):
     """The model to train and, for a plain model, `set_trainable_parameters`' summary."""
-    from .. import AudioFlamingo2ForConditionalGeneration
     from .lora import apply_lora, continue_lora, lora_target_regex
     from .stages import set_trainable_parameters
 
@@ -291,7 +321,7 @@ def _model_and_trainable(args, adapter: dict | None):
     # A local folder is loaded by its absolute path, so that an adapter trained on it names a base that loads from
     # any working directory.
     source = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
-    model = AudioFlamingo2ForConditionalGeneration.from_pretrained(source, dtype="float32")
+    model = family.load(source, dtype="float32")[0]
     if args.lora:
         model = apply_lora(
             model,
@@ -313,7 +343,7 @@ def run_train(args: argparse.Namespace) -> int:
     from transformers import AutoProcessor
 
     from ..families import detect_family
-    from .collator import AudioFlamingo2DataCollator
+    from .collator import TrainingDataCollator
     from .lora import adapter_config_of, merge_lora
     from .training import AudioFlamingo2Trainer, last_complete_checkpoint
 
@@ -333,19 +363,15 @@ def run_train(args: argparse.Namespace) -> int:
 
     adapter = adapter_config_of(args.model)
     family = detect_family(adapter.get("base_model_name_or_path") if adapter is not None else args.model)
-    if family.training_unsupported:
-        raise ValueError(f"--model {args.model} is {family.display_name}: {family.training_unsupported}")
+    if adapter is None:
+        _refuse_what_the_family_lacks(args, family)
     processor_source = args.processor or args.model
     if args.processor is None and adapter is not None:
         has_processor = os.path.isfile(os.path.join(args.model, "processor_config.json"))
         processor_source = args.model if has_processor else adapter.get("base_model_name_or_path")
     processor = AutoProcessor.from_pretrained(processor_source)
-    collator = AudioFlamingo2DataCollator(processor, max_length=args.max_length)
-    reader = {
-        "data_root": args.data_root,
-        "feature_extractor": processor.feature_extractor,
-        "num_proc": args.preprocessing_num_workers,
-    }
+    collator = TrainingDataCollator(family(processor), max_length=args.max_length)
+    reader = {"data_root": args.data_root, "family": collator.family, "num_proc": args.preprocessing_num_workers}
     # Every row is read before the model loads: a bad row stops the run now, not hours in.
     with training_args.main_process_first(desc="reading and checking the data"):
         train_dataset = _checked_data(args.train_file, reader, collator, args, training_args, "dropped_rows.jsonl")
@@ -357,7 +383,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     # The seed covers the adapter initialisation too (the Trainer seeds only when it is built, after it).
     transformers.set_seed(training_args.seed)
-    model, trainable, description = _model_and_trainable(args, adapter)
+    model, trainable, description = _model_and_trainable(args, adapter, family)
     if trainable is None:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
         description = f"{description}: {count:,} trainable parameters"

@@ -1,4 +1,5 @@
-"""Batches for training Audio Flamingo 2: AF2's training text, its label rule, right padding, padded audio windows.
+"""Training batches: `TrainingDataCollator` (any family, through its `training_inputs`) and, for Audio Flamingo 2,
+AF2's training text, its label rule, right padding and padded audio windows.
 
 The text of one example is the original training code's
 
@@ -58,35 +59,64 @@ def max_frames(feature_extractor, rate: int) -> int:
     return int(seconds * rate)
 
 
-class AudioFlamingo2DataCollator:
-    """
-    Collates `{"audio", "prompt", "answer"}` examples into a training batch for
-    [`AudioFlamingo2ForConditionalGeneration`], with AF2's training text and label rule.
+def af2_training_tokens(processor, texts: Sequence[str], max_length: int, pad_to_multiple_of: int | None = None):
+    """`input_ids`, `attention_mask`, `labels` `(batch, tokens)` of AF2 training texts: truncated to `max_length`,
+    right-padded with the pad token, labels by the processor's rule (`training_labels`)."""
+    tokenizer = processor.tokenizer
+    encoded = tokenizer(list(texts), max_length=max_length, truncation=True, padding=False)["input_ids"]
+    width = max(len(ids) for ids in encoded)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        if len(ids) == max_length and ids[-1] != tokenizer.eos_token_id:
+            logger.warning_once(
+                f"a training sample is longer than max_length={max_length} tokens and was cut; as in the "
+                "original, its answer is not trained on. Shorten the prompt or raise max_length."
+            )
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.tensor(processor.training_labels(ids), dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    Examples may also carry `audio_start` (seconds into the file where the audio begins, as in the original's
-    dataset JSON) and `sampling_rate` (for a bare array). Other keys (`length`, `num_windows`, ...) are ignored.
-    `audio` may be a path, encoded bytes, a float array (with `sampling_rate`), a `datasets` Audio dict
-    (`{"array", "sampling_rate"}`, `{"bytes", "path"}` or `{"path"}`) or a torchcodec `AudioDecoder`. Audio is read
-    and turned into log-mel windows here, so with `dataloader_num_workers > 0` this happens in the data loader
-    workers. With a plain `Trainer`, pass `TrainingArguments(remove_unused_columns=False)` so that these columns reach
-    the collator (`AudioFlamingo2Trainer` always keeps them).
+
+def af2_audio_features(feature_extractor, audios: Sequence, starts: Sequence[float], sampling_rate: int | None = None):
+    """`input_features`, `input_features_mask` of AF2's front end (windows padded to the batch's largest); `starts`
+    are the original's `audio_start` seconds (the extractor reads from there, first channel, MP3 mixed down)."""
+    features = feature_extractor(list(audios), sampling_rate=sampling_rate, start=list(starts), return_tensors="pt")
+    return {"input_features": features["input_features"], "input_features_mask": features["input_features_mask"]}
+
+
+class TrainingDataCollator:
+    """
+    Collates `{"audio", "prompt", "answer"}` examples into a training batch of any model family: the family
+    (`families.ModelFamily.training_inputs`) says how an example becomes model inputs and labels (prompt, audio
+    and padding -100; the answer and its end of turn trained on).
+
+    Examples may also carry `audio_start` (seconds into the file where the audio begins, as in AF2's dataset JSON)
+    and `sampling_rate` (for a bare array). Other keys (`length`, `num_windows`, ...) are ignored. `audio` may be a
+    path, encoded bytes, a float array (with `sampling_rate`), a `datasets` Audio dict (`{"array",
+    "sampling_rate"}`, `{"bytes", "path"}` or `{"path"}`) or a torchcodec `AudioDecoder`. Audio is read and turned
+    into features here, so with `dataloader_num_workers > 0` this happens in the data loader workers. With a plain
+    `Trainer`, pass `TrainingArguments(remove_unused_columns=False)` so that these columns reach the collator
+    (`AudioFlamingo2Trainer` always keeps them).
 
     Args:
-        processor (`AudioFlamingo2Processor`): gives the tokenizer (with AF2's tokens) and the audio front end.
-        max_length (`int`, defaults to 512): token limit of a sample (the original's `max_tokens`); longer samples are
-            truncated and, as in the original, their cut answer is not trained on.
+        family (`ModelFamily`): the family adapter, bound to the checkpoint's processor.
+        max_length (`int`, defaults to 512): token limit of a sample; a longer sample's answer is not trained on.
         pad_to_multiple_of (`int`, *optional*): pad the token length of each batch to a multiple of this.
         sampling_rate (`int`, *optional*): rate of bare array inputs (arrays in dicts carry their own).
         audio_key, prompt_key, answer_key (`str`): the examples' keys.
 
-    Returns (from `__call__`): a dict of tensors `input_ids`, `attention_mask`, `labels` `(batch, tokens)` and
-    `input_features` `(batch, windows, frames, mels)`, `input_features_mask` `(batch, windows)`, windows padded to
-    the batch's largest.
+    Returns (from `__call__`): a dict of tensors `input_ids`, `attention_mask`, `labels` `(batch, tokens)`, right
+    padded, and the family's audio features (see its `training_inputs`).
     """
 
     def __init__(
         self,
-        processor,
+        family,
         max_length: int = 512,
         pad_to_multiple_of: int | None = None,
         sampling_rate: int | None = None,
@@ -97,15 +127,76 @@ class AudioFlamingo2DataCollator:
     ):
         if return_tensors != "pt":
             raise ValueError(
-                f"AudioFlamingo2DataCollator returns torch tensors only (return_tensors='pt'), got {return_tensors!r}."
+                f"{type(self).__name__} returns torch tensors only (return_tensors='pt'), got {return_tensors!r}."
             )
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.feature_extractor = processor.feature_extractor
+        self.family = family
+        self.processor = family.processor
+        self.tokenizer = family.processor.tokenizer
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.sampling_rate = sampling_rate
         self.audio_key, self.prompt_key, self.answer_key = audio_key, prompt_key, answer_key
+
+    def audio(self, example: Mapping[str, Any], index: int = 0) -> tuple[Any, float]:
+        """`(audio, audio_start)` of one example as the family's `training_inputs` takes them."""
+        try:
+            return example_audio(example, self.audio_key), float(example.get("audio_start") or 0.0)
+        except (KeyError, ValueError, TypeError) as error:
+            raise ValueError(f"example {index} of the batch: cannot read its audio ({error}).") from error
+
+    def check(self, example: Mapping[str, Any]) -> tuple[int, int]:
+        """`(tokens, trainable labels)` of one example (see `ModelFamily.check_training_example`); raises
+        `families.UnreadableAudio` when its audio cannot be read."""
+        from ..families import UnreadableAudio
+
+        try:
+            audio, start = self.audio(example)
+        except ValueError as error:
+            raise UnreadableAudio(str(error)) from error
+        return self.family.check_training_example(
+            example[self.prompt_key],
+            example[self.answer_key],
+            audio,
+            audio_start=start,
+            max_length=self.max_length,
+            sampling_rate=self.sampling_rate,
+        )
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError(f"{type(self).__name__} got an empty batch.")
+        audios = [self.audio(example, index) for index, example in enumerate(examples)]
+        return dict(
+            self.family.training_inputs(
+                [example[self.prompt_key] for example in examples],
+                [example[self.answer_key] for example in examples],
+                [audio for audio, _ in audios],
+                audio_starts=[start for _, start in audios],
+                max_length=self.max_length,
+                sampling_rate=self.sampling_rate,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+            )
+        )
+
+
+class AudioFlamingo2DataCollator(TrainingDataCollator):
+    """
+    `TrainingDataCollator` for [`AudioFlamingo2ForConditionalGeneration`], built from its processor: AF2's training
+    text, label rule, right padding with `<|PAD_TOKEN|>`, and windows padded to the batch's largest
+    (`input_features` `(batch, windows, frames, mels)`, `input_features_mask` `(batch, windows)`).
+
+    Args:
+        processor (`AudioFlamingo2Processor`): gives the tokenizer (with AF2's tokens) and the audio front end.
+        max_length (`int`, defaults to 512): the original's `max_tokens`; longer samples are truncated and, as in the
+            original, their cut answer is not trained on.
+        Other arguments: see `TrainingDataCollator`.
+    """
+
+    def __init__(self, processor, max_length: int = 512, **options):
+        from ..families import AudioFlamingo2Family
+
+        super().__init__(AudioFlamingo2Family(processor), max_length=max_length, **options)
+        self.feature_extractor = processor.feature_extractor
         tokenizer = self.tokenizer
         self.audio_token_id = self._token_id(AUDIO_TOKEN)
         self.end_of_chunk_token_id = self._token_id(END_OF_CHUNK_TOKEN)
@@ -130,51 +221,23 @@ class AudioFlamingo2DataCollator:
 
     def tokenize(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """`input_ids`, `attention_mask`, `labels` for the examples' texts (right padding)."""
-        encoded = self.tokenizer(
-            [self.text(example) for example in examples],
-            max_length=self.max_length,
-            truncation=True,
-            padding=False,
-        )["input_ids"]
-        width = max(len(ids) for ids in encoded)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            if len(ids) == self.max_length and ids[-1] != self.eos_token_id:
-                logger.warning_once(
-                    f"a training sample is longer than max_length={self.max_length} tokens and was cut; as in the "
-                    "original, its answer is not trained on. Shorten the prompt or raise max_length."
-                )
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-            labels[row, : len(ids)] = torch.tensor(self.processor.training_labels(ids), dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        texts = [self.text(example) for example in examples]
+        return af2_training_tokens(self.processor, texts, self.max_length, self.pad_to_multiple_of)
 
     def audio_features(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """`input_features`, `input_features_mask` for the examples' audio (windows padded to the batch's largest)."""
-        audios, starts = [], []
-        for index, example in enumerate(examples):
-            try:
-                audios.append(example_audio(example, self.audio_key))
-                starts.append(float(example.get("audio_start") or 0.0))
-            except (KeyError, ValueError, TypeError) as error:
-                raise ValueError(f"example {index} of the batch: cannot read its audio ({error}).") from error
-        # `start` is the original's `audio_start`: the extractor reads from there (first channel, MP3 mixed down).
-        features = self.feature_extractor(audios, sampling_rate=self.sampling_rate, start=starts, return_tensors="pt")
-        return {
-            "input_features": features["input_features"],
-            "input_features_mask": features["input_features_mask"],
-        }
-
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("AudioFlamingo2DataCollator got an empty batch.")
-        batch = self.tokenize(examples)
-        batch.update(self.audio_features(examples))
-        return batch
+        audios = [self.audio(example, index) for index, example in enumerate(examples)]
+        return af2_audio_features(
+            self.feature_extractor, [a for a, _ in audios], [s for _, s in audios], self.sampling_rate
+        )
 
 
-__all__ = ["AudioFlamingo2DataCollator", "af2_labels", "build_training_text", "example_audio"]
+__all__ = [
+    "AudioFlamingo2DataCollator",
+    "TrainingDataCollator",
+    "af2_audio_features",
+    "af2_labels",
+    "af2_training_tokens",
+    "build_training_text",
+    "example_audio",
+]

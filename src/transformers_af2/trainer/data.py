@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from transformers.utils import logging
 
-from .collator import IGNORE_INDEX, example_audio, max_frames
+from .collator import max_frames
 
 logger = logging.get_logger(__name__)
 
@@ -92,11 +92,18 @@ def length_key(num_windows: int, prompt: Any, answer: Any) -> int:
     return int(num_windows) * LENGTH_TEXT_SLOTS + min(text, LENGTH_TEXT_SLOTS - 1)
 
 
-def _add_lengths(dataset, feature_extractor=None, num_proc: int | None = None, audio_column: str = "audio"):
-    extractor = _feature_extractor(feature_extractor)
+def _add_lengths(dataset, feature_extractor=None, num_proc: int | None = None, family=None):
+    # The family's window count (`ModelFamily.training_windows`), else AF2's front end's.
+    if family is not None:
+        windows_of = family.training_windows
+    else:
+        extractor = _feature_extractor(feature_extractor)
+
+        def windows_of(audio, audio_start):
+            return count_windows(audio, extractor, audio_start)
 
     def add(example):
-        windows = count_windows(example[audio_column], extractor, example.get("audio_start") or 0.0)
+        windows = windows_of(example["audio"], example.get("audio_start") or 0.0)
         return {"num_windows": windows, "length": length_key(windows, example["prompt"], example["answer"])}
 
     return dataset.map(add, num_proc=num_proc, desc="counting audio windows")
@@ -115,6 +122,7 @@ def load_af2_json(
     feature_extractor=None,
     compute_lengths: bool = True,
     num_proc: int | None = None,
+    family=None,
 ):
     """
     Reads a dataset file in the original AF2 format:
@@ -156,7 +164,7 @@ def load_af2_json(
         rows["answer"].append(_text_or_none(item.get("output", item.get("answer"))))
         rows["audio_start"].append(float(item.get("audio_start") or 0.0))
     dataset = datasets.Dataset.from_dict(rows)
-    return _add_lengths(dataset, feature_extractor, num_proc) if compute_lengths else dataset
+    return _add_lengths(dataset, feature_extractor, num_proc, family) if compute_lengths else dataset
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -182,6 +190,7 @@ def load_jsonl(
     feature_extractor=None,
     compute_lengths: bool = True,
     num_proc: int | None = None,
+    family=None,
 ):
     """
     Reads a JSONL file of `{"audio": <path>, "prompt": ..., "answer": ..., "audio_start"?: <s>}` lines (memory-mapped
@@ -213,7 +222,7 @@ def load_jsonl(
         }
 
     dataset = dataset.map(normalise, num_proc=num_proc, desc="reading manifest")
-    return _add_lengths(dataset, feature_extractor, num_proc) if compute_lengths else dataset
+    return _add_lengths(dataset, feature_extractor, num_proc, family) if compute_lengths else dataset
 
 
 def from_hf_dataset(
@@ -224,6 +233,7 @@ def from_hf_dataset(
     feature_extractor=None,
     compute_lengths: bool = True,
     num_proc: int | None = None,
+    family=None,
 ):
     """
     Prepares a `datasets.Dataset` with an audio column for training: the columns are renamed to `audio`, `prompt`,
@@ -245,7 +255,7 @@ def from_hf_dataset(
         dataset = dataset.cast_column("audio", datasets.Audio(decode=False))
     if "audio_start" not in dataset.column_names:
         dataset = dataset.add_column("audio_start", [0.0] * len(dataset))
-    return _add_lengths(dataset, feature_extractor, num_proc) if compute_lengths else dataset
+    return _add_lengths(dataset, feature_extractor, num_proc, family) if compute_lengths else dataset
 
 
 def load_training_data(
@@ -255,15 +265,23 @@ def load_training_data(
     compute_lengths: bool = True,
     num_proc: int | None = None,
     split: str = "train",
+    family=None,
     **columns,
 ):
     """
     Any supported source as a training `datasets.Dataset`: a `datasets.Dataset`; a path to an AF2 dataset JSON
-    (`.json` with a `data` mapping), a JSONL manifest (`.jsonl`), or a dataset saved with `save_to_disk`.
+    (`.json` with a `data` mapping), a JSONL manifest (`.jsonl`), or a dataset saved with `save_to_disk`. The
+    `num_windows` column counts the windows of `family` (a `families.ModelFamily`) when given, else of
+    `feature_extractor` (AF2's front end).
     """
     import datasets
 
-    kwargs = {"feature_extractor": feature_extractor, "compute_lengths": compute_lengths, "num_proc": num_proc}
+    kwargs = {
+        "feature_extractor": feature_extractor,
+        "compute_lengths": compute_lengths,
+        "num_proc": num_proc,
+        "family": family,
+    }
     if isinstance(source, datasets.DatasetDict):
         source = source[split]
     if isinstance(source, datasets.Dataset):
@@ -323,24 +341,28 @@ class DataCheck:
 
 
 @contextlib.contextmanager
-def _quiet_feature_extractor():
+def _quiet_loggers(names):
     # The front end warns once per long or silent clip; while checking thousands of rows that is noise.
-    front_end = std_logging.getLogger("transformers_af2.processing.feature_extraction_audioflamingo2")
-    level = front_end.level
-    front_end.setLevel(std_logging.ERROR)
+    loggers = [std_logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(std_logging.ERROR)
     try:
         yield
     finally:
-        front_end.setLevel(level)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def check_row(example: Mapping[str, Any], collator) -> dict:
     """
     Checks one row the way the collator will use it: `prompt` and `answer` are text, the audio decodes (from
-    `audio_start` on) with the processor's front end, and the training text keeps at least one trainable label
+    `audio_start` on) with the family's front end, and the training text keeps at least one trainable label
     under the collator's `max_length`. Returns `{"kind", "reason"}` ("" when the row is good) and the flags
     `empty_answer`, `over_long`.
     """
+    from ..families import UnreadableAudio
+
     result = {"kind": "", "reason": "", "empty_answer": False, "over_long": False}
     for key in (collator.prompt_key, collator.answer_key):
         value = example.get(key)
@@ -353,19 +375,14 @@ def check_row(example: Mapping[str, Any], collator) -> dict:
     if isinstance(start, bool) or not isinstance(start, (int, float)) or not math.isfinite(start) or start < 0:
         return {**result, "kind": MISSING_FIELD, "reason": f"'audio_start' must be seconds >= 0, got {start!r}"}
     try:
-        audio = example_audio(example, collator.audio_key)
-        with _quiet_feature_extractor():
-            collator.feature_extractor.load_audio(audio, sampling_rate=collator.sampling_rate, start=float(start))
-    except Exception as error:  # noqa: BLE001 - whatever fails to decode here would fail the run at that step
-        reason = " ".join(str(error).split()).rstrip(".") or type(error).__name__
-        return {**result, "kind": UNREADABLE_AUDIO, "reason": f"cannot read its audio: {reason}"}
+        with _quiet_loggers(collator.family.per_clip_loggers):
+            tokens, trainable = collator.check(example)
+    except UnreadableAudio as error:
+        return {**result, "kind": UNREADABLE_AUDIO, "reason": f"cannot read its audio: {error}"}
 
-    answer = example[collator.answer_key]
-    tokens = len(collator.tokenizer(collator.text(example))["input_ids"])
-    result["empty_answer"] = not answer.strip()
+    result["empty_answer"] = not example[collator.answer_key].strip()
     result["over_long"] = tokens > collator.max_length
-    labels = collator.tokenize([example])["labels"]
-    if not bool((labels != IGNORE_INDEX).any()):
+    if not trainable:
         why = (
             f"its training text is {tokens} tokens, over max_length={collator.max_length}, so its answer is cut"
             if result["over_long"]

@@ -183,11 +183,11 @@ def adapter_config_of(path: str | os.PathLike) -> dict | None:
 
 def continue_lora(adapter: str | os.PathLike, **model_kwargs):
     """
-    Loads a saved AF2 adapter to train it further: its base model (from the adapter's `base_model_name_or_path`)
-    with the same adapter on top, trainable, together with the modules and token rows it saves. Returns the
+    Loads a saved adapter to train it further: its base model of any family (from the adapter's
+    `base_model_name_or_path`) with the same adapter on top, trainable, together with the modules and token rows it saves. Returns the
     `peft.PeftModel`; `model_kwargs` go to the base model's `from_pretrained` (e.g. `dtype`).
     """
-    from .. import AudioFlamingo2ForConditionalGeneration
+    from ..families import detect_family
 
     config = adapter_config_of(adapter)
     if config is None:
@@ -196,7 +196,7 @@ def continue_lora(adapter: str | os.PathLike, **model_kwargs):
     if not base:
         raise ValueError(f"{adapter}: adapter_config.json names no base model (base_model_name_or_path).")
     try:
-        model = AudioFlamingo2ForConditionalGeneration.from_pretrained(base, **model_kwargs)
+        model = detect_family(base).load(base, **model_kwargs)[0]
     except OSError as error:
         raise ValueError(
             f"{adapter}: cannot load its base model {base!r} ({error}). A relative path (written by older versions) "
