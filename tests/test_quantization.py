@@ -185,3 +185,37 @@ def test_int4_kernel_matches_textbook_int4_rounding(saved, dtype):
     kernel_error, textbook_error = error(got, expected), error(by_hand, expected)
     assert 0.5 * textbook_error <= kernel_error <= 1.5 * textbook_error, (kernel_error, textbook_error)
     assert error(got, by_hand) < textbook_error, (error(got, by_hand), textbook_error)
+
+
+def test_torchao_cuda_only_extension_failures_are_quiet_on_cpu_torch(caplog):
+    """torchao's "Failed to load" warning for its CUDA-only extensions is dropped on a CPU-only PyTorch (importing the
+    package installs the filter); another extension's failure and torchao's other warnings still show."""
+    import logging
+
+    import transformers_af2  # noqa: F401
+
+    torchao_logger = logging.getLogger("torchao")
+    cuda_only = "Failed to load /site/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load this library"
+    other = "Failed to load /site/torchao/_C_lowbit.so: undefined symbol"
+    with caplog.at_level(logging.WARNING, logger="torchao"):
+        for message in (cuda_only, "Failed to load /site/torchao/_C_cutlass_90a.abi3.so: x", other, "Skipping import"):
+            torchao_logger.warning(message)
+    shown = [record.getMessage() for record in caplog.records]
+    cpu_only_torch = torch.version.cuda is None and torch.version.hip is None
+    assert (cuda_only in shown) is not cpu_only_torch
+    assert len(shown) == (2 if cpu_only_torch else 4) and other in shown and "Skipping import" in shown
+
+
+@_needs("int8")
+def test_importing_the_package_with_torchao_prints_no_extension_failures():
+    """With torchao installed, transformers imports it for every model: on a CPU-only PyTorch the package's import
+    prints none of torchao's CUDA-only extension failures."""
+    import subprocess
+    import sys
+
+    completed = subprocess.run(
+        [sys.executable, "-c", "import transformers_af2, torchao"], capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    if torch.version.cuda is None and torch.version.hip is None:
+        assert "Failed to load" not in completed.stderr, completed.stderr[-2000:]
