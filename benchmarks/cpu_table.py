@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from caption_benchmark import caption_rows, suppress_control_tokens, word_level_processor, write_clips
 from items import decode_step_time
-from measurement import log, machine_description, peak_rss_bytes, recording_timer, write_json
+from measurement import log, machine_description, own_cpu_seconds, peak_rss_bytes, recording_timer, write_json
 from quantization_benchmark import (
     AGREEMENT_HEADER,
     add_margin_argument,
@@ -109,12 +109,13 @@ def child(args) -> None:
     timer = dataclasses.replace(recording_timer(args), warmup=args.warmup)
     # The prefill's code paths are warm by then (the agreement check and the decode step prefill 10 s or more).
     unwarmed = dataclasses.replace(timer, warmup=0)
-    phases, mark = {}, time.perf_counter()
+    # Wall and CPU seconds of each phase: on a loaded machine the CPU seconds / threads tell what a quiet one takes.
+    phases, mark = {}, (time.perf_counter(), own_cpu_seconds())
 
     def phase_done(name):
         nonlocal mark
-        now = time.perf_counter()
-        phases[name] = now - mark
+        now = (time.perf_counter(), own_cpu_seconds())
+        phases[name] = {"wall_s": now[0] - mark[0], "cpu_s": now[1] - mark[1]}
         mark = now
 
     dtype_name, scheme = args.child
@@ -260,6 +261,7 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="file name stem of the results (default cpu-table[-quick])")
     parser.add_argument("--child", type=parse_variant, help=argparse.SUPPRESS)
+    parser.add_argument("--save-random", help=argparse.SUPPRESS)
     for hidden in ("--checkpoint", "--clip-dir", "--reference", "--label"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -286,6 +288,9 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
+    if args.save_random:
+        build_random_model(args.save_random, torch.float32, torch.device("cpu")).save_pretrained(args.checkpoint)
+        return 0
     started = time.perf_counter()
     results = {
         "machine": machine_description(),
@@ -301,8 +306,11 @@ def main(argv=None) -> int:
             shape_started = time.perf_counter()
             log(f"{shape}: saving a random model (float32)")
             checkpoint = scratch / shape
-            build_random_model(shape, torch.float32, torch.device("cpu")).save_pretrained(checkpoint)
-            gc.collect()
+            # In a process of its own: this one would keep the freed model's pages (GBs for af2-3b) beside the
+            # variants' processes.
+            subprocess.run(
+                [sys.executable, __file__, "--save-random", shape, "--checkpoint", str(checkpoint)], check=True
+            )
             clip_dir = scratch / f"clips-{shape}"
             clip_dir.mkdir()
             count = args.caption_counts.get(shape, 0)
