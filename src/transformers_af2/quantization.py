@@ -163,7 +163,15 @@ def quantization_config(name: str, device=None, dtype=None, group_size: int = 12
                 f"--quantization int4: this PyTorch ({torch.__version__}) has no CPU int4 matmul "
                 "(aten._weight_int4pack_mm_for_cpu); use --quantization int8 or bnb-4bit on this machine."
             )
-        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        try:
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        except ImportError:  # torchao 0.17 has the CPU layout under another name, and older ones not at all
+            import torchao
+
+            raise QuantizationUnavailableError(
+                f"--quantization int4 on CPU needs torchao >= 0.18 (installed: {torchao.__version__}): "
+                "pip install -U 'torchao>=0.18', or use --quantization int8 or bnb-4bit."
+            ) from None
 
         return TorchAoConfig(PrototypeInt4WeightOnlyConfig(group_size=group_size), modules_to_not_convert=skip)
     from torchao.quantization import Int4WeightOnlyConfig
