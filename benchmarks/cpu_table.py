@@ -208,9 +208,7 @@ def run_child(args, checkpoint: Path, variant, clip_dir: Path, reference: Path, 
 def caption_note(shape: str, results) -> str:
     """Says so where a full shape's caption count is not the issue's 40 clips."""
     count = results["shapes"][shape]["caption_clips"]
-    return (
-        f" (not the issue's 40: {count} keep the run near 35 min)" if shape.startswith("af2-") and count != 40 else ""
-    )
+    return f" (the issue's table: 40; {count} here)" if shape.startswith("af2-") and count != 40 else ""
 
 
 def format_table(results) -> str:
