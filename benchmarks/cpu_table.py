@@ -19,7 +19,7 @@ is the variant's own) measures, in this order:
 
 Writes the JSON and the Markdown table (`--out-dir`, default benchmarks/results/) and prints the table.
 
-    python benchmarks/cpu_table.py --threads 2    # af2-0.5b and af2-3b, ~35 min on a quiet 2-core machine
+    python benchmarks/cpu_table.py --threads 2    # af2-0.5b and af2-3b, ~37 min on a quiet 2-core machine
     python benchmarks/cpu_table.py --quick        # tiny shape, few tokens: seconds
 
 Random weights: the agreement columns are a lower bound (near-tied logits); the logit error and the restricted
@@ -65,9 +65,9 @@ RESULTS = Path(__file__).resolve().with_name("results")
 VARIANTS = ["float32", "bfloat16", "bfloat16+int8", "bfloat16+int4"]
 QUICK_VARIANTS = ["float32", "bfloat16+int4"]
 LIBRARY = {"int8": "torchao", "int4": "torchao", "bnb-8bit": "bitsandbytes", "bnb-4bit": "bitsandbytes"}
-# Caption clips per shape: the 40 for af2-0.5b (about 15 of the full run's ~35 min on a quiet 2-core machine);
-# af2-3b's decoding step is ~6x af2-0.5b's and its other items take ~12 min, so 6 clips keep the run near 35 min
-# (`--caption-clips af2-3b=40` for the count, about 25 min more).
+# Caption clips per shape: the 40 for af2-0.5b (about 15 of the full run's ~37 min on a quiet 2-core machine);
+# af2-3b's decoding step is ~6x af2-0.5b's and its other items take ~13 min, so 6 clips (~4 min) keep the run near
+# 35 min (`--caption-clips af2-3b=40` for the count, about 25 min more; benchmarks/README.md has the estimate).
 CAPTION_CLIPS = {"af2-0.5b": 40, "af2-3b": 6, "tiny": 3}
 PROMPT_TOKENS = 16
 
