@@ -145,3 +145,42 @@ def test_linear_kernels_compared(tiny_results):
         _positive(linears[item]["fast_speedup"], f"linears.{item}.fast_speedup")
     _timing(linears["tower_window"]["compiled"], "linears.tower_window.compiled", repeats)
     _positive(linears["tower_window"]["compiled_first_call_s"], "linears.tower_window.compiled_first_call_s")
+
+
+CPU_TABLE = BENCHMARK.with_name("cpu_table.py")
+
+
+def test_cpu_table_quick(tmp_path):
+    """`cpu_table.py --quick`: every column of the table measured for float32 and bfloat16+int4 (or int4 skipped, said
+    so, where torchao is absent), each variant in its own process, written as JSON and Markdown and printed."""
+    import importlib.util
+
+    command = [sys.executable, str(CPU_TABLE), "--quick", "--threads", "2", "--out-dir", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    table = (tmp_path / "cpu-table-quick.md").read_text()
+    assert table.strip() in completed.stdout
+    results = json.loads((tmp_path / "cpu-table-quick.json").read_text())
+    variants = results["shapes"]["tiny"]["variants"]
+    assert list(variants) == ["float32", "bfloat16+int4"]
+    assert results["shapes"]["tiny"]["caption_clips"] == 3
+    fp32 = variants["float32"]
+    for key in ("decode_step_s", "prefill_10s_s", "prefill_120s_s", "bare_lm_decode_step_s"):
+        _timing(fp32[key], key, 1)
+    for key in ("load_s", "peak_rss_bytes"):
+        _positive(fp32[key], key)
+    assert fp32["caption"]["clips"] == 3
+    _positive(fp32["caption"]["clips_per_s"], "caption.clips_per_s")
+    # float32 against its own reference: the same forward, so no error and every position decisive and equal.
+    fidelity = fp32["teacher_forced"]["fidelity"]
+    assert fidelity["relative_logit_error_max"] == 0 and fidelity["decisive_share"] == 1
+    assert fidelity["decisive_agreement"] == 1 and fp32["agreement_with_float32"]["teacher_forced_tokens"] == 1
+    int4 = variants["bfloat16+int4"]
+    if importlib.util.find_spec("torchao") is None:
+        assert int4 == {"skipped": "torchao is not installed"}
+        assert "| tiny | bfloat16+int4 | skipped: torchao is not installed |" in table
+        return
+    assert int4["bare_lm_decode_step_s"]["quantized"]
+    error = int4["teacher_forced"]["fidelity"]["relative_logit_error_median"]
+    assert 0 < error < 0.25, error  # 4-bit rounding of the LM's linears: a few percent on the tiny model
+    assert 0 <= int4["teacher_forced"]["fidelity"]["decisive_share"] <= 1

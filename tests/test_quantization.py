@@ -148,3 +148,74 @@ def test_int4_layout_follows_the_device():
     """CPU: torchao's CPU layout (the only int4 one with a CPU kernel); GPU: tinygemm's (plain int4 needs `mslk`)."""
     assert type(quantization_config("int4", device="cpu").quant_type).__name__ == "PrototypeInt4WeightOnlyConfig"
     assert quantization_config("int4", device="cuda").quant_type.int4_packing_format == "tile_packed_to_4d"
+
+
+def _rounded_to_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Textbook asymmetric round-to-nearest 4-bit weights, in float: per group of `group_size` inputs of each output
+    row, 16 levels evenly spread from the group's minimum to its maximum. Independent of torchao's code."""
+    rows, columns = weight.shape
+    groups = weight.float().reshape(rows, columns // group_size, group_size)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (high - low).clamp(min=1e-12) / 15
+    return (((groups - low) / step).round().clamp(0, 15) * step + low).reshape(rows, columns).to(weight.dtype)
+
+
+@_needs("int4")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_matches_textbook_int4_rounding(saved, dtype):
+    """The int4 model's logits are as far from the unquantized model's as those of the same model with the same
+    linears rounded to int4 by hand in float, and closer to the latter than either is to the unquantized model:
+    a wrong packing, layout or group size (uncorrelated logits, error ~1) or a skipped layer (error ~0) fails."""
+    root, _, inputs = saved
+    quantized = _load(root, "int4", dtype=dtype)
+    reference = AudioFlamingo2ForConditionalGeneration.from_pretrained(root / "fp32", dtype=dtype)
+    rounded = AudioFlamingo2ForConditionalGeneration.from_pretrained(root / "fp32", dtype=dtype)
+    modules = dict(rounded.named_modules())
+    names = [n for n, m in quantized.named_modules() if isinstance(m, nn.Linear) and _quantized(m)]
+    assert names
+    with torch.no_grad():
+        for name in names:
+            modules[name].weight.copy_(_rounded_to_int4(modules[name].weight, GROUP_SIZE))
+        inputs = dict(inputs, input_features=inputs["input_features"].to(dtype))
+        expected, got, by_hand = (m(**inputs).logits.float()[0] for m in (reference, quantized, rounded))
+
+    def error(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    kernel_error, textbook_error = error(got, expected), error(by_hand, expected)
+    assert 0.5 * textbook_error <= kernel_error <= 1.5 * textbook_error, (kernel_error, textbook_error)
+    assert error(got, by_hand) < textbook_error, (error(got, by_hand), textbook_error)
+
+
+def test_torchao_cuda_only_extension_failures_are_quiet_on_cpu_torch(caplog):
+    """torchao's "Failed to load" warning for its CUDA-only extensions is dropped on a CPU-only PyTorch (importing the
+    package installs the filter); another extension's failure and torchao's other warnings still show."""
+    import logging
+
+    import transformers_af2  # noqa: F401
+
+    torchao_logger = logging.getLogger("torchao")
+    cuda_only = "Failed to load /site/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load this library"
+    other = "Failed to load /site/torchao/_C_lowbit.so: undefined symbol"
+    with caplog.at_level(logging.WARNING, logger="torchao"):
+        for message in (cuda_only, "Failed to load /site/torchao/_C_cutlass_90a.abi3.so: x", other, "Skipping import"):
+            torchao_logger.warning(message)
+    shown = [record.getMessage() for record in caplog.records]
+    cpu_only_torch = torch.version.cuda is None and torch.version.hip is None
+    assert (cuda_only in shown) is not cpu_only_torch
+    assert len(shown) == (2 if cpu_only_torch else 4) and other in shown and "Skipping import" in shown
+
+
+@_needs("int8")
+def test_importing_the_package_with_torchao_prints_no_extension_failures():
+    """With torchao installed, transformers imports it for every model: on a CPU-only PyTorch the package's import
+    prints none of torchao's CUDA-only extension failures."""
+    import subprocess
+    import sys
+
+    completed = subprocess.run(
+        [sys.executable, "-c", "import transformers_af2, torchao"], capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    if torch.version.cuda is None and torch.version.hip is None:
+        assert "Failed to load" not in completed.stderr, completed.stderr[-2000:]

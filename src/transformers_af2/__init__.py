@@ -5,6 +5,11 @@ processor), so `AutoModel.from_pretrained(converted_dir)` and friends work, and 
 "audio-text-to-text" (see `transformers_af2.pipelines`).
 """
 
+# First: importing it quiets torchao's expected CUDA-extension failures on CPU-only PyTorch, and transformers imports
+# torchao (when installed) as soon as it is imported.
+from . import quantization  # noqa: F401
+
+# isort: split
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForMultimodalLM, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
 

@@ -68,6 +68,39 @@ def quiet_repeated_bitsandbytes_notices() -> None:
         cast_logger.addFilter(_OncePerMessage())
 
 
+# torchao's Linux wheels ship CUDA-only extensions (MX fp8 and CUTLASS sm90a kernels). On a CPU-only PyTorch each one
+# fails to load when torchao is imported -- which transformers does for every model once torchao is installed -- and
+# torchao logs "Failed to load <library>: ..." at warning level: expected there, and nothing a user can act on.
+TORCHAO_CUDA_ONLY_EXTENSIONS = ("_C_mxfp8", "_C_cutlass_90a")
+
+
+class _ExpectedTorchaoExtensionFailures(logging.Filter):
+    """Drops torchao's "Failed to load" warning for its CUDA-only extensions when PyTorch has no CUDA (or ROCm);
+    every other record passes: another extension's failure, any failure on a GPU build of PyTorch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Failed to load "):
+            return True
+        library = message[len("Failed to load ") :].split(": ", 1)[0]
+        if library.rsplit("/", 1)[-1].split(".", 1)[0] not in TORCHAO_CUDA_ONLY_EXTENSIONS:
+            return True
+        import torch  # imported by torchao before it loads its extensions
+
+        return torch.version.cuda is not None or torch.version.hip is not None
+
+
+def quiet_expected_torchao_extension_failures() -> None:
+    """Installs `_ExpectedTorchaoExtensionFailures` on torchao's logger (once per process). Called when this module is
+    imported, which the package does before it imports transformers (and so, transitively, torchao)."""
+    torchao_logger = logging.getLogger("torchao")
+    if not any(isinstance(f, _ExpectedTorchaoExtensionFailures) for f in torchao_logger.filters):
+        torchao_logger.addFilter(_ExpectedTorchaoExtensionFailures())
+
+
+quiet_expected_torchao_extension_failures()
+
+
 class QuantizationUnavailableError(RuntimeError):
     """The requested `--quantization` cannot run here (library missing, no kernel for this device)."""
 
@@ -130,7 +163,15 @@ def quantization_config(name: str, device=None, dtype=None, group_size: int = 12
                 f"--quantization int4: this PyTorch ({torch.__version__}) has no CPU int4 matmul "
                 "(aten._weight_int4pack_mm_for_cpu); use --quantization int8 or bnb-4bit on this machine."
             )
-        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        try:
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        except ImportError:  # torchao 0.17 has the CPU layout under another name, and older ones not at all
+            import torchao
+
+            raise QuantizationUnavailableError(
+                f"--quantization int4 on CPU needs torchao >= 0.18 (installed: {torchao.__version__}): "
+                "pip install -U 'torchao>=0.18', or use --quantization int8 or bnb-4bit."
+            ) from None
 
         return TorchAoConfig(PrototypeInt4WeightOnlyConfig(group_size=group_size), modules_to_not_convert=skip)
     from torchao.quantization import Int4WeightOnlyConfig
@@ -147,5 +188,6 @@ __all__ = [
     "QuantizationUnavailableError",
     "int4_cpu_kernel_available",
     "quantization_config",
+    "quiet_expected_torchao_extension_failures",
     "quiet_repeated_bitsandbytes_notices",
 ]
