@@ -219,3 +219,22 @@ def test_importing_the_package_with_torchao_prints_no_extension_failures():
     assert completed.returncode == 0, completed.stderr[-2000:]
     if torch.version.cuda is None and torch.version.hip is None:
         assert "Failed to load" not in completed.stderr, completed.stderr[-2000:]
+    assert "is an Enum subclass" not in completed.stderr, completed.stderr[-2000:]
+
+
+def test_torch_enum_notice_is_dropped_for_torchao_enums_only(caplog):
+    """torch's "is an Enum subclass" deprecation notice (one per enum torchao registers, at each import) is dropped
+    when the enum is torchao's; the same notice about another package's enum still shows."""
+    import enum
+    import logging
+
+    import transformers_af2  # noqa: F401
+
+    torchao_enum = enum.Enum("KernelPreference", "AUTO", module="torchao.quantization.quantize_.common")
+    other_enum = enum.Enum("Colour", "RED", module="somebody_else.colours")
+    pytree_logger = logging.getLogger("torch.utils._pytree")
+    notice = "%s is an Enum subclass and is now natively supported by torch.compile as an opaque value type."
+    with caplog.at_level(logging.WARNING, logger="torch.utils._pytree"):
+        for subject in (torchao_enum, other_enum):
+            pytree_logger.warning(notice, subject)
+    assert [record.args[0] for record in caplog.records] == [other_enum]

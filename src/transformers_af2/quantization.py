@@ -90,12 +90,28 @@ class _ExpectedTorchaoExtensionFailures(logging.Filter):
         return torch.version.cuda is not None or torch.version.hip is not None
 
 
+class _TorchaoEnumRegistrationNotices(logging.Filter):
+    """Drops torch's deprecation notice "<enum ...> is an Enum subclass and is now natively supported by
+    torch.compile" when the enum is torchao's (torchao registers its enums as pytree constants at import; torch >= 2.13
+    logs one warning per enum, on every import). The same notice about any other package's enum passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        subject = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        is_enum_notice = isinstance(subject, type) and "is an Enum subclass" in str(record.msg)
+        return not (is_enum_notice and subject.__module__.split(".", 1)[0] == "torchao")
+
+
 def quiet_expected_torchao_extension_failures() -> None:
-    """Installs `_ExpectedTorchaoExtensionFailures` on torchao's logger (once per process). Called when this module is
-    imported, which the package does before it imports transformers (and so, transitively, torchao)."""
-    torchao_logger = logging.getLogger("torchao")
-    if not any(isinstance(f, _ExpectedTorchaoExtensionFailures) for f in torchao_logger.filters):
-        torchao_logger.addFilter(_ExpectedTorchaoExtensionFailures())
+    """Installs `_ExpectedTorchaoExtensionFailures` on torchao's logger and `_TorchaoEnumRegistrationNotices` on torch's
+    pytree logger (once per process). Called when this module is imported, which the package does before it imports
+    transformers (and so, transitively, torchao)."""
+    for logger_name, quiet in (
+        ("torchao", _ExpectedTorchaoExtensionFailures),
+        ("torch.utils._pytree", _TorchaoEnumRegistrationNotices),
+    ):
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, quiet) for f in logger.filters):
+            logger.addFilter(quiet())
 
 
 quiet_expected_torchao_extension_failures()
