@@ -58,6 +58,9 @@ def test_usage_errors_and_unknown_commands_answer_without_importing_torch(tmp_pa
     assert code == 2 and "the following arguments are required: --audio" in err and imported == []
     code, out, err, imported = _af2(["caption", "clips/"], tmp_path)
     assert code == 2 and "the following arguments are required: --output" in err and imported == []
+    # af2 caption checks its sampling options as af2 generate does (commands.options.add_sampling_arguments).
+    code, out, err, imported = _af2(["caption", "clips/", "-o", "out.jsonl", "--sample", "--top-p", "1.5"], tmp_path)
+    assert code == 2 and "argument --top-p: must be in (0, 1], got 1.5" in err and imported == []
     code, out, err, imported = _af2(["eval", "--task", "no-such-task"], tmp_path)
     assert code == 2 and "argument --task: invalid choice: 'no-such-task'" in err and imported == []
     code, out, err, imported = _af2(["serve", "--max-batch-size", "0"], tmp_path)

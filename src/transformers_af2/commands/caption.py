@@ -6,8 +6,7 @@ import os
 
 from ..caption.api import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
 from ..caption.inputs import AUDIO_EXTENSIONS
-from ..utils import DEFAULT_TOP_K, DEFAULT_TOP_P
-from .options import HelpFormatter, add_device_arguments, add_model_arguments, positive_int
+from .options import HelpFormatter, add_device_arguments, add_model_arguments, add_sampling_arguments, positive_int
 
 HELP = "caption or label many audio clips into a JSONL/Parquet/CSV file (resumable, data-parallel)"
 
@@ -65,19 +64,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--max-new-tokens", type=positive_int, metavar="N", help="most tokens per answer (default: the model's)"
     )
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--sample",
-        dest="do_sample",
-        action="store_true",
-        default=False,
-        help=f"sample (top-k {DEFAULT_TOP_K}, top-p {DEFAULT_TOP_P} unless set); rows then depend on the batches",
+    add_sampling_arguments(
+        parser, sample_note="; rows then depend on the batches", seed_help="each process adds its rank"
     )
-    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (the default)")
-    parser.add_argument("--top-k", type=positive_int, metavar="K", help="with --sample")
-    parser.add_argument("--top-p", type=float, metavar="P", help="with --sample")
-    parser.add_argument("--temperature", type=float, metavar="T", help="with --sample")
-    parser.add_argument("--seed", type=int, help="random seed (each process adds its rank)")
     parser.add_argument(
         "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="B", help="rows per generate call"
     )

@@ -9,17 +9,14 @@ import sys
 from ..loading import load_model_and_processor, model_loading_options, resolve_device
 from ..utils import DEFAULT_TOP_K, DEFAULT_TOP_P, one_line
 from .options import (
-    MAX_SEED,
     HelpFormatter,
     add_device_arguments,
     add_model_arguments,
+    add_sampling_arguments,
     display,
     non_empty,
-    positive_float,
     positive_int,
-    probability,
     question,
-    seed,
 )
 
 HELP = "answer a question about one or more audio files"
@@ -69,41 +66,7 @@ def add_parser(subparsers) -> None:
         metavar="N",
         help="most tokens to generate (default: the model's generation config, 256 for converted checkpoints)",
     )
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--sample",
-        dest="do_sample",
-        action="store_true",
-        default=False,
-        help=f"sample, as the original demo did (top-k {DEFAULT_TOP_K}, top-p {DEFAULT_TOP_P} unless set)",
-    )
-    mode.add_argument(
-        "--greedy",
-        dest="do_sample",
-        action="store_false",
-        default=False,
-        help="greedy decoding, the original benchmark setting (the default)",
-    )
-    parser.add_argument(
-        "--top-k",
-        type=positive_int,
-        default=None,
-        metavar="K",
-        help=f"with --sample: keep the K most likely tokens (default {DEFAULT_TOP_K})",
-    )
-    parser.add_argument(
-        "--top-p",
-        type=probability,
-        default=None,
-        metavar="P",
-        help=f"with --sample: nucleus sampling mass, in (0, 1] (default {DEFAULT_TOP_P})",
-    )
-    parser.add_argument(
-        "--temperature", type=positive_float, default=None, metavar="T", help="with --sample: temperature, > 0"
-    )
-    parser.add_argument(
-        "--seed", type=seed, default=None, help=f"random seed in [0, {MAX_SEED}], for repeatable sampling"
-    )
+    add_sampling_arguments(parser, seed_help="for repeatable sampling")
     parser.add_argument("--batch-size", type=positive_int, default=1, metavar="B", help="files per generate call")
     add_device_arguments(parser)
     parser.add_argument(

@@ -11,7 +11,7 @@ import argparse
 import math
 
 from ..quantization import QUANTIZATION_NAMES
-from ..utils import DTYPE_NAMES
+from ..utils import DEFAULT_TOP_K, DEFAULT_TOP_P, DTYPE_NAMES
 
 DEFAULT_MODEL = "nvidia/audio-flamingo-2"
 
@@ -30,24 +30,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 MAX_SEED = 2**32 - 1
 
 
-def positive_int(value: str) -> int:
+def _integer(value: str, expected: str, lowest: int, highest: int | None = None) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {value!r}") from None
+    if number < lowest or (highest is not None and number > highest):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {value}")
     return number
+
+
+def positive_int(value: str) -> int:
+    return _integer(value, "a positive integer", 1)
 
 
 def seed(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {value!r}") from None
-    if not 0 <= number <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {value}")
-    return number
+    return _integer(value, f"an integer in [0, {MAX_SEED}]", 0, MAX_SEED)
 
 
 def finite_float(value: str) -> float:
@@ -113,6 +111,46 @@ def add_speed_arguments(parser) -> None:
         "int4 (torchao), bnb-8bit / bnb-4bit (bitsandbytes); needs transformers-af2[quantization]. See "
         "transformers_af2.quantization",
     )
+
+
+def add_sampling_arguments(parser, sample_note: str = "", seed_help: str = "for repeatable sampling") -> None:
+    """`--sample`/`--greedy` (`do_sample`), `--top-k`, `--top-p`, `--temperature` and `--seed`, as the commands that
+    generate answers take them; unset values are None (the command fills in `utils.DEFAULT_TOP_K`/`DEFAULT_TOP_P`).
+    `sample_note` ends `--sample`'s help, `seed_help` `--seed`'s."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--sample",
+        dest="do_sample",
+        action="store_true",
+        default=False,
+        help=f"sample, as the original demo did (top-k {DEFAULT_TOP_K}, top-p {DEFAULT_TOP_P} unless set)"
+        + sample_note,
+    )
+    mode.add_argument(
+        "--greedy",
+        dest="do_sample",
+        action="store_false",
+        default=False,
+        help="greedy decoding, the original benchmark setting (the default)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help=f"with --sample: keep the K most likely tokens (default {DEFAULT_TOP_K})",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=probability,
+        default=None,
+        metavar="P",
+        help=f"with --sample: nucleus sampling mass, in (0, 1] (default {DEFAULT_TOP_P})",
+    )
+    parser.add_argument(
+        "--temperature", type=positive_float, default=None, metavar="T", help="with --sample: temperature, > 0"
+    )
+    parser.add_argument("--seed", type=seed, default=None, help=f"random seed in [0, {MAX_SEED}], {seed_help}")
 
 
 def add_device_arguments(parser) -> None:
