@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-from ..caption.api import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
-from ..caption.inputs import AUDIO_EXTENSIONS
 from .options import HelpFormatter, add_device_arguments, add_model_arguments, add_sampling_arguments, positive_int
 
 HELP = "caption or label many audio clips into a JSONL/Parquet/CSV file (resumable, data-parallel)"
@@ -45,6 +43,10 @@ examples:
 
 
 def add_parser(subparsers) -> None:
+    # Here, not at the top: `af2 --help` and the other commands import this module for HELP only.
+    from ..caption.api import DEFAULT_BATCH_SIZE, DEFAULT_NUM_WORKERS
+    from ..caption.inputs import AUDIO_EXTENSIONS
+
     parser = subparsers.add_parser(
         "caption",
         help=HELP,

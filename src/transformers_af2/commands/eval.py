@@ -6,13 +6,14 @@ import os
 import sys
 from pathlib import Path
 
-from ..evaluation.tasks import GENERATION_SETTINGS, TASKS
 from .options import DEFAULT_MODEL, HelpFormatter, add_device_arguments, add_speed_arguments, positive_int
 
 HELP = "evaluate AF2 on a benchmark (MMAU, ClothoAQA, Clotho/AudioCaps captioning, classification)"
 
 
 def _task_table() -> str:
+    from ..evaluation.tasks import TASKS
+
     width = max(len(name) for name in TASKS)
     return "\n".join(
         f"  {name:<{width}}  {task.description}\n  {'':<{width}}  --data {task.data_hint}"
@@ -21,6 +22,9 @@ def _task_table() -> str:
 
 
 def add_parser(subparsers) -> None:
+    # Here, not at the top: `af2 --help` and the other commands import this module for HELP only.
+    from ..evaluation.tasks import GENERATION_SETTINGS, TASKS
+
     parser = subparsers.add_parser(
         "eval",
         help=HELP,
@@ -84,6 +88,7 @@ def run(args) -> int:
     from ..evaluation.engines import CaptionEngine, LoopEngine
     from ..evaluation.generation import BatchedAnswerGenerator
     from ..evaluation.runner import run_evaluation
+    from ..evaluation.tasks import GENERATION_SETTINGS
     from ..families import family_for
     from ..loading import load_model_and_processor, model_loading_options, resolve_device
 
