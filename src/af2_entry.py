@@ -17,9 +17,9 @@ INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 def _command_line_module():
     """
-    `transformers_af2.commands`, imported with the package's `__init__` not yet run, and the function that runs it (on the
-    same module object, so everything imported so far stays that package's). The command line modules import nothing
-    heavy at module level; their commands import what they use.
+    `transformers_af2.commands`, imported with the package's `__init__` not yet run, and the function that runs it (on
+    the same module object, so everything imported so far stays that package's). The command line modules import
+    nothing heavy at module level; their commands import what they use.
     """
     if "transformers_af2" in sys.modules:  # already imported whole (e.g. `python -m transformers_af2`)
         return importlib.import_module("transformers_af2.commands"), lambda: None

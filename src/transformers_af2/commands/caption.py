@@ -21,9 +21,10 @@ source (--split, --audio-column).
 OUT is JSONL, or Parquet / CSV by extension. Row fields: id (stable: a hash of clip id and prompt), clip_id (the
 manifest id, the path, or DATASET[SPLIT]#INDEX), path, index (row of the dataset or manifest), prompt, answer,
 windows (windows read: AF2 10 s, AF3 / Music Flamingo 30 s), seconds_dropped (audio past the last window), tokens
-(generated, eos included), stop_reason (eos or length). Next to OUT: OUT.meta.json (the run's record: model, weights fingerprint, dtype,
-generation settings, package versions), OUT.lock (held while a run is on), OUT.errors.jsonl (clips that could not
-be read, with the reason; the run goes on) and OUT.parts/ (the rows, appended and fsync'ed per batch).
+(generated, eos included), stop_reason (eos or length). Next to OUT: OUT.meta.json (the run's record: model, weights
+fingerprint, dtype, generation settings, package versions), OUT.lock (held while a run is on), OUT.errors.jsonl
+(clips that could not be read, with the reason; the run goes on) and OUT.parts/ (the rows, appended and fsync'ed per
+batch).
 
 Safety: af2 replaces only what it wrote. OUT that af2 did not write (or that was changed since), an input of the
 run, or a folder is refused (--overwrite starts anew). A second run into OUT while one is on is refused, naming it.

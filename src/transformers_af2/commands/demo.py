@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
         formatter_class=HelpFormatter,
         description=(
             "Start a Gradio page to ask Audio Flamingo 2, Audio Flamingo 3 or Music Flamingo (any checkpoint af2 "
-            "caption takes) about a clip: upload or record audio, see the windows the model reads, ask questions and read the answer as it is generated. Needs the [demo] extra "
+            "caption takes) about a clip: upload or record audio, see the windows the model reads, ask questions and "
+            "read the answer as it is generated. Needs the [demo] extra "
             f"({install_hint('demo')}).\n\n"
             "examples:\n"
             "  af2 demo\n"
