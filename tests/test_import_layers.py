@@ -108,7 +108,7 @@ def test_no_import_circle():
     for name in MODULES:
         if name not in state:
             visit(name, [name])
-    assert circles == []
+    assert circles == [], "import circles:\n" + "\n".join(" -> ".join(circle) for circle in circles)
 
 
 def test_every_module_imports():
