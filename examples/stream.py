@@ -11,7 +11,7 @@ import torch
 from transformers import TextIteratorStreamer, TextStreamer
 
 import transformers_af2  # noqa: F401
-from transformers_af2.cli import load_model_and_processor
+from transformers_af2.loading import load_model_and_processor
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="nvidia/audio-flamingo-2", help="converted repository or original checkpoint")

@@ -17,16 +17,16 @@ INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 def _command_line_module():
     """
-    `transformers_af2.cli`, imported with the package's `__init__` not yet run, and the function that runs it (on the
-    same module object, so everything imported so far stays that package's). The command line modules import nothing
-    heavy at module level; their commands import what they use.
+    `transformers_af2.commands`, imported with the package's `__init__` not yet run, and the function that runs it (on
+    the same module object, so everything imported so far stays that package's). The command line modules import
+    nothing heavy at module level; their commands import what they use.
     """
     if "transformers_af2" in sys.modules:  # already imported whole (e.g. `python -m transformers_af2`)
-        return importlib.import_module("transformers_af2.cli"), lambda: None
+        return importlib.import_module("transformers_af2.commands"), lambda: None
     spec = importlib.util.find_spec("transformers_af2")
     package = importlib.util.module_from_spec(spec)
     sys.modules["transformers_af2"] = package
-    return importlib.import_module("transformers_af2.cli"), lambda: spec.loader.exec_module(package)
+    return importlib.import_module("transformers_af2.commands"), lambda: spec.loader.exec_module(package)
 
 
 def main() -> int:

@@ -53,13 +53,13 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_af2_command(args, log_path: Path, ready_url: str, timeout: float, env=None):
     """
-    `python -m transformers_af2.cli *args` in its own process (one thread, output to `log_path`). Waits until
+    `python -m transformers_af2 *args` in its own process (one thread, output to `log_path`). Waits until
     `ready_url` answers; fails the test with the end of the log if the process exits first or `timeout` seconds pass.
     Yields the process and stops it on exit.
     """
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "transformers_af2.cli", *args],
+            [sys.executable, "-m", "transformers_af2", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},

@@ -10,9 +10,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from transformers_af2 import cli
 from transformers_af2.caption import RunStore, caption, discover_clips, jobs_for_clips, row_id
 from transformers_af2.caption.engine import BatchGenerator, ClipReader, length_grouped_batches, stop_reasons
+from transformers_af2.commands import main
 from transformers_af2.runstore import read_jsonl_lines
 
 PROMPT = "Describe the audio."
@@ -200,7 +200,7 @@ def test_unreadable_clips_go_to_the_errors_file(loaded, tmp_path, capsys):
     listing = tmp_path / "list.txt"
     listing.write_text("good.wav\ncorrupt.wav\nempty.wav\nmissing.wav\n")
     out = tmp_path / "out.jsonl"
-    code = cli.main(["caption", str(listing), "--model", str(loaded[0].repo), "--prompt", PROMPT, "-o", str(out),
+    code = main(["caption", str(listing), "--model", str(loaded[0].repo), "--prompt", PROMPT, "-o", str(out),
                      "--max-new-tokens", "2", "--num-workers", "1", "--device", "cpu"])  # fmt: skip
     assert code == 0
     captured = capsys.readouterr()
@@ -235,7 +235,7 @@ def test_other_settings_into_the_same_output_are_an_error(loaded, tmp_path, caps
     _run(loaded, [clip], out)
     with pytest.raises(ValueError, match=r"other settings or data: generation.max_new_tokens: was 3, now 5\. "):
         _run(loaded, [clip], out, max_new_tokens=5)
-    code = cli.main(["caption", str(clip), "--model", str(loaded[0].repo), "--prompt", PROMPT, "-o", str(out),
+    code = main(["caption", str(clip), "--model", str(loaded[0].repo), "--prompt", PROMPT, "-o", str(out),
                      "--max-new-tokens", "3", "--dtype", "bfloat16", "--device", "cpu"])  # fmt: skip
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading bar
@@ -269,7 +269,7 @@ def test_torn_last_line_is_dropped_and_regenerated(loaded, tmp_path):
 
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
-        cli.main(["caption", "--help"])
+        main(["caption", "--help"])
     text = capsys.readouterr().out
     for option in ("--prompt", "--output", "--batch-size", "--dtype", "--split", "--audio-column", "torchrun"):
         assert option in text

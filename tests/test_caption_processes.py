@@ -16,7 +16,7 @@ import soundfile as sf
 from conftest import free_port
 from families_fixtures import save_tiny_checkpoint
 
-from transformers_af2 import cli
+from transformers_af2.commands import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Describe the audio."
@@ -82,7 +82,7 @@ def test_killed_run_resumes_with_every_row_once(model_repo, clip_folder, tmp_pat
     assert not out.exists()  # nothing merged yet
 
     # The same command again.
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     assert capsys.readouterr().out.strip() == (
         f"af2 caption: {NUM_CLIPS - kept} done, 0 failed, {kept} skipped as already done; {NUM_CLIPS} rows in {out}"
     )
@@ -102,8 +102,8 @@ def test_two_processes_resume_a_one_process_run_and_equal_it(model_repo, clip_fo
     all_list.write_text("".join(f"{p}\n" for p in clips))
     first_list.write_text("".join(f"{p}\n" for p in clips[:8]))
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    assert cli.main(_caption_args(model_repo, [all_list], one, "--num-workers", "0")) == 0
-    assert cli.main(_caption_args(model_repo, [first_list], two, "--num-workers", "0")) == 0
+    assert main(_caption_args(model_repo, [all_list], one, "--num-workers", "0")) == 0
+    assert main(_caption_args(model_repo, [first_list], two, "--num-workers", "0")) == 0
     capsys.readouterr()
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

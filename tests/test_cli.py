@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformers_af2 import cli
+from transformers_af2.commands import build_parser, main
+from transformers_af2.commands import generate as generate_command
 from transformers_af2.generation_utils import AnswerStreamer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def _generate(fixture, *extra, index=0):
 
 
 def _run(argv, capsys):
-    code = cli.main(argv)
+    code = main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -165,11 +166,11 @@ def test_generate_errors_are_one_line(converted_fixture, capsys, change, message
 
 def test_argument_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as raised:
-        cli.main(["generate", "--prompt", "q"])  # --audio missing
+        main(["generate", "--prompt", "q"])  # --audio missing
     assert raised.value.code == 2
     assert "the following arguments are required: --audio" in capsys.readouterr().err
     with pytest.raises(SystemExit) as raised:
-        cli.main(["generate", "--audio", "a.wav", "--prompt", "q", "--stream", "--json"])
+        main(["generate", "--audio", "a.wav", "--prompt", "q", "--stream", "--json"])
     assert raised.value.code == 2
 
 
@@ -208,7 +209,7 @@ def test_bad_argument_values_are_argparse_errors(capsys, extra, message):
     """Each bad value stops before anything loads: exit 2, one line naming the option, the value and the rule."""
     argv = ["generate", "--audio", "a.wav", "--prompt", "q", "--sample", *extra]
     with pytest.raises(SystemExit) as raised:
-        cli.main(argv)
+        main(argv)
     err = capsys.readouterr().err
     assert raised.value.code == 2
     assert err.strip().splitlines()[-1] == f"af2 generate: error: {message}" or message in err.splitlines()[-1]
@@ -281,7 +282,7 @@ def test_generate_names_the_file_whose_logits_are_nan(loaded, capsys, monkeypatc
     fixture, _, processor = loaded
     questions = fixture.reference["prompts"]
     poisoned = _poisoned_copy(loaded, questions[1])
-    monkeypatch.setattr(cli, "load_model_and_processor", lambda *args, **kwargs: (poisoned, processor))
+    monkeypatch.setattr(generate_command, "load_model_and_processor", lambda *args, **kwargs: (poisoned, processor))
     wavs = [str(fixture.wav(0)), str(fixture.wav(1))]
     for mode in ("--greedy", "--sample"):
         argv = ["generate", "--device", "cpu", "--json", "--batch-size", "2", "--max-new-tokens", "3", mode]
@@ -392,9 +393,9 @@ def _subcommands(parser):
 
 
 def test_help_of_every_command_is_complete(capsys):
-    parser = cli.build_parser()
+    parser = build_parser()
     with pytest.raises(SystemExit) as raised:
-        cli.main(["--help"])
+        main(["--help"])
     assert raised.value.code == 0
     top = capsys.readouterr().out
     commands = _subcommands(parser)
@@ -402,7 +403,7 @@ def test_help_of_every_command_is_complete(capsys):
     for name, subparser in commands.items():
         assert name in top
         with pytest.raises(SystemExit) as raised:
-            cli.main([name, "--help"])
+            main([name, "--help"])
         assert raised.value.code == 0
         text = capsys.readouterr().out
         for action in subparser._actions:
@@ -416,7 +417,7 @@ def test_help_of_every_command_is_complete(capsys):
 
 def test_entry_point_help_runs():
     result = subprocess.run(
-        [sys.executable, "-m", "transformers_af2.cli", "--help"],
+        [sys.executable, "-m", "transformers_af2", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -436,8 +437,8 @@ def test_train_subcommand_comes_from_the_trainer_module(monkeypatch, capsys):
     fake = types.ModuleType("transformers_af2.trainer.cli")
     fake.add_train_parser = add_train_parser
     monkeypatch.setitem(sys.modules, "transformers_af2.trainer.cli", fake)
-    assert "train" in _subcommands(cli.build_parser()) and len(calls) == 1
-    assert cli.main(["train"]) == 0
+    assert "train" in _subcommands(build_parser()) and len(calls) == 1
+    assert main(["train"]) == 0
 
 
 def test_stream_of_a_repaired_soundcot_answer_shows_both_passes(converted_fixture):

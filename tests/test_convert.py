@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor
 
 import transformers_af2
-from transformers_af2.cli import main as af2_main
+from transformers_af2.commands import main as af2_main
 from transformers_af2.convert import (
     ConversionError,
     convert_checkpoint,

@@ -8,7 +8,8 @@ import torch
 from conftest import random_audio_inputs, tiny_model
 from torch import nn
 
-from transformers_af2 import cli
+from transformers_af2.commands import main
+from transformers_af2.loading import load_model_and_processor
 from transformers_af2.modeling.cpu_linear import (
     DEFAULT_KERNELS,
     FAST_KERNELS,
@@ -92,11 +93,11 @@ def test_environment_overrides_and_bad_settings(monkeypatch):
 
 def test_load_model_and_processor_applies_the_environment(converted_fixture, monkeypatch):
     monkeypatch.setenv("AF2_LINEAR_KERNELS", "fast")
-    model, _ = cli.load_model_and_processor(str(converted_fixture.repo), device="cpu")
+    model, _ = load_model_and_processor(str(converted_fixture.repo), device="cpu")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is nn.Linear and linear_kernels_of(m) == FAST_KERNELS for m in linears)
     monkeypatch.delenv("AF2_LINEAR_KERNELS")
-    model, _ = cli.load_model_and_processor(str(converted_fixture.repo), device="cpu")
+    model, _ = load_model_and_processor(str(converted_fixture.repo), device="cpu")
     assert all(linear_kernels_of(m) == DEFAULT_KERNELS for m in model.modules() if isinstance(m, nn.Linear))
 
 
@@ -125,7 +126,7 @@ def test_generate_fast_uses_the_preset_and_measured_kernels(converted_fixture, c
         "generate", "--model", str(fixture.repo), "--audio", str(fixture.wav(0)), "--prompt",
         fixture.reference["prompts"][0], "--greedy", "--max-new-tokens", "4", "--device", "cpu", "--fast", "--json",
     ]  # fmt: skip
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["tokens"]) == 4
     (key,) = json.loads((tmp_path / "linear-kernels.json").read_text())
     assert f"torch.{fast_settings('cpu').dtype}" in key

@@ -376,7 +376,7 @@ def test_soundcot_repair_equals_the_pipelines(loaded, reference, answerer):
 def test_without_gradio_af2_demo_says_what_to_install(converted_fixture):
     # sys.modules["gradio"] = None makes `import gradio` fail, as in an installation without the [demo] extra.
     code = (
-        "import sys; sys.modules['gradio'] = None; from transformers_af2.cli import main; "
+        "import sys; sys.modules['gradio'] = None; from transformers_af2.commands import main; "
         f"sys.exit(main(['demo', '--model', {str(converted_fixture.repo)!r}, '--device', 'cpu']))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

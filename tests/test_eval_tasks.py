@@ -300,7 +300,7 @@ def test_cli_resumes_after_kill_9(converted_fixture, tmp_path):
     """`af2 eval` killed with SIGKILL after its first answers, run again: every item once, same answers."""
     data, _, ids = build_mmau(tmp_path / "data")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "transformers_af2.cli", "eval", "--task", "mmau", "--data", str(data)]
+    command = [sys.executable, "-m", "transformers_af2", "eval", "--task", "mmau", "--data", str(data)]
     command += ["--model", str(converted_fixture.repo), "--output", str(out), "--batch-size", "1"]
     command += ["--max-new-tokens", "4", "--device", "cpu", "--engine", "loop"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "HF_HUB_OFFLINE": "1"}
@@ -352,7 +352,7 @@ def test_data_parallel_eval_under_torchrun(generator, converted_fixture, tmp_pat
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     command += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
-    command += ["-m", "transformers_af2.cli", "eval", "--task", "clotho_aqa", "--data", str(data)]
+    command += ["-m", "transformers_af2", "eval", "--task", "clotho_aqa", "--data", str(data)]
     command += ["--audio-root", str(audio_root or data.parent / "audio_files"), "--model", str(converted_fixture.repo)]
     command += ["--output", str(tmp_path / "dp"), "--engine", "caption", "--num-workers", "0", "--batch-size", "1"]
     command += ["--max-new-tokens", str(SETTINGS["max_new_tokens"]), "--device", "cpu"]

@@ -21,8 +21,8 @@ from families_fixtures import (
 )
 from transformers import AutoProcessor
 
-from transformers_af2 import cli
 from transformers_af2.caption import caption
+from transformers_af2.commands import main
 from transformers_af2.evaluation.scoring import mmau_string_match
 from transformers_af2.families import (
     AudioFlamingo2Family,
@@ -182,7 +182,7 @@ def test_eval_mmau_with_af3_prompt(engine, tmp_path, capsys):
     argv = ["eval", "--task", "mmau", "--data", str(data), "--model", str(folder), "--output", str(out)]
     argv += ["--max-new-tokens", str(NEW_TOKENS), "--device", "cpu", "--batch-size", "2", "--engine", engine]
     argv += ["--num-workers", "0"] if engine == "caption" else []
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
     template = AudioFlamingo3Family.eval_prompts["mmau"].template
@@ -207,7 +207,7 @@ def test_af2_train_refuses_af2_stages_for_other_families_naming_what_they_train(
     train_file = tmp_path / "train.jsonl"
     train_file.write_text(json.dumps({"path": "clip.wav", "prompt": "Describe the audio.", "output": "rain"}) + "\n")
     argv = ["train", "--model", str(folder), "--train-file", str(train_file), "--output-dir", str(tmp_path / "out")]
-    assert cli.main([*argv, "--report-to", "none", "--use-cpu"]) == 2  # the command line's usage-error status
+    assert main([*argv, "--report-to", "none", "--use-cpu"]) == 2  # the command line's usage-error status
     error = capsys.readouterr().err
     name = {"audioflamingo3": "Audio Flamingo 3", "musicflamingo": "Music Flamingo"}[model_type]
     # Without --lora the stage is AF2's "finetune" (audio transformer, cross-attention, CLAP tower).
@@ -221,5 +221,5 @@ def test_af2_generate_points_other_families_to_the_commands_that_take_them(tmp_p
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "musicflamingo"}))  # refused before any weights
     clip = _noise(tmp_path / "clip.wav", 1.0, seed=0)
-    assert cli.main(["generate", "--model", str(folder), "--audio", str(clip), "--prompt", "What is it?"]) == 2
+    assert main(["generate", "--model", str(folder), "--audio", str(clip), "--prompt", "What is it?"]) == 2
     assert f"--model {folder} is Music Flamingo; af2 generate runs AF2's pipeline" in capsys.readouterr().err

@@ -285,7 +285,7 @@ def test_af2_convert_takes_any_original_layout_hub_id(converted_fixture, hf_home
     from huggingface_hub import constants
     from safetensors.torch import load_file
 
-    from transformers_af2.cli import main as af2_main
+    from transformers_af2.commands import main as af2_main
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
     output = tmp_path / "tiny-af2-hf"

@@ -9,7 +9,8 @@ import torch
 from conftest import BLOCK_ALIGNED, random_audio_inputs, tiny_model
 from torch import nn
 
-from transformers_af2 import AudioFlamingo2ForConditionalGeneration, cli
+from transformers_af2 import AudioFlamingo2ForConditionalGeneration
+from transformers_af2.commands import main
 from transformers_af2.quantization import (
     QUANTIZATION_NAMES,
     SAVE_SUPPORTED,
@@ -130,7 +131,7 @@ def test_generate_command_takes_quantization(converted_fixture, capsys, name):
         fixture.reference["prompts"][0], "--greedy", "--max-new-tokens", str(fixture.reference["max_new_tokens"]),
         "--device", "cpu", "--quantization", name, "--json",
     ]  # fmt: skip
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     tokens = json.loads(capsys.readouterr().out)[0]["tokens"]
     prompt_length = fixture.ids("s0.prompt_ids").shape[1]
     assert tokens == fixture.ids("s0.greedy_ids")[0, prompt_length:].tolist()
@@ -138,7 +139,7 @@ def test_generate_command_takes_quantization(converted_fixture, capsys, name):
 
 def test_generate_command_refuses_unknown_quantization(capsys):
     with pytest.raises(SystemExit) as raised:
-        cli.main(["generate", "--audio", "a.wav", "--prompt", "q", "--quantization", "fp4"])
+        main(["generate", "--audio", "a.wav", "--prompt", "q", "--quantization", "fp4"])
     assert raised.value.code == 2
     assert "--quantization: invalid choice: 'fp4'" in capsys.readouterr().err
 

@@ -39,7 +39,12 @@ def _af2(args, tmp_path, watched=HEAVY + UNUSED_BY_INFERENCE, timeout=600):
     return done.returncode, done.stdout, done.stderr, json.loads(report.read_text())
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["convert"], ["serve"]], ids=lambda c: c[0] if c else "af2")
+# Every command but `train`, whose options are transformers' TrainingArguments fields (read from the class, which
+# imports torch); its help imports no package it does not use (test_train_help_prints_only_the_help).
+QUIET_COMMANDS = ["generate", "convert", "caption", "eval", "demo", "serve"]
+
+
+@pytest.mark.parametrize("command", [[]] + [[name] for name in QUIET_COMMANDS], ids=lambda c: c[0] if c else "af2")
 def test_help_imports_neither_torch_nor_transformers(command, tmp_path):
     code, out, err, imported = _af2([*command, "--help"], tmp_path)
     assert code == 0 and out.startswith("usage: af2") and err == "", err
@@ -51,6 +56,15 @@ def test_usage_errors_and_unknown_commands_answer_without_importing_torch(tmp_pa
     assert code == 2 and "invalid choice: 'generat'" in err and imported == []
     code, out, err, imported = _af2(["generate", "--prompt", "q"], tmp_path)
     assert code == 2 and "the following arguments are required: --audio" in err and imported == []
+    code, out, err, imported = _af2(["caption", "clips/"], tmp_path)
+    assert code == 2 and "the following arguments are required: --output" in err and imported == []
+    # af2 caption checks its sampling options as af2 generate does (commands.options.add_sampling_arguments).
+    code, out, err, imported = _af2(["caption", "clips/", "-o", "out.jsonl", "--sample", "--top-p", "1.5"], tmp_path)
+    assert code == 2 and "argument --top-p: must be in (0, 1], got 1.5" in err and imported == []
+    code, out, err, imported = _af2(["eval", "--task", "no-such-task"], tmp_path)
+    assert code == 2 and "argument --task: invalid choice: 'no-such-task'" in err and imported == []
+    code, out, err, imported = _af2(["serve", "--max-batch-size", "0"], tmp_path)
+    assert code == 2 and "argument --max-batch-size: must be greater than 0, got 0" in err and imported == []
 
 
 @pytest.mark.skipif(

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_eval_tasks import SETTINGS, build_mmau
 
-from transformers_af2 import cli
 from transformers_af2.caption import caption, discover_clips
+from transformers_af2.commands import main
 from transformers_af2.evaluation import BatchedAnswerGenerator, CaptionEngine, run_evaluation
 from transformers_af2.runstore import OutputRefused, RunFolder, RunStore, model_fingerprint, record_differences
 
@@ -35,7 +35,7 @@ def _noise(path, seconds=0.5, seed=0, rate=16000):
 
 
 def _caption_cli(repo, inputs, output, *extra):
-    return cli.main(["caption", *map(str, inputs), "--model", str(repo), "--prompt", PROMPT, "-o", str(output),
+    return main(["caption", *map(str, inputs), "--model", str(repo), "--prompt", PROMPT, "-o", str(output),
                      "--max-new-tokens", "2", "--num-workers", "0", "--device", "cpu", *extra])  # fmt: skip
 
 

@@ -295,8 +295,8 @@ def test_binding_beyond_localhost_without_a_key_warns(converted_fixture, tmp_pat
 
 def test_admin_routes_without_a_key_are_refused_at_start(monkeypatch):
     monkeypatch.delenv("AF2_API_KEY", raising=False)
-    from transformers_af2.cli import build_parser
-    from transformers_af2.serving import settings_from_args
+    from transformers_af2.commands import build_parser
+    from transformers_af2.commands.serve import settings_from_args
 
     args = build_parser().parse_args(["serve", "--admin-routes"])
     with pytest.raises(ValueError, match="--admin-routes needs an API key"):
@@ -373,7 +373,7 @@ def test_the_command_line_does_not_import_the_server_stack():
     import sys
 
     code = (
-        "import sys; from transformers_af2.cli import build_parser; build_parser().parse_args(['serve']); "
+        "import sys; from transformers_af2.commands import build_parser; build_parser().parse_args(['serve']); "
         "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

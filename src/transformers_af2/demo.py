@@ -14,7 +14,6 @@ Gradio's queue runs one model call at a time.
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import threading
@@ -27,13 +26,12 @@ import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .cli import DEFAULT_TOP_K, DEFAULT_TOP_P, _one_line, add_device_arguments, add_model_arguments
 from .families import EncodedAudio, family_for
 from .generation_utils import through_first_eos
 from .runstore import file_sha256
 from .soundcot import SOUNDCOT_REPAIR_MAX_PROMPT_TOKENS, soundcot_repair_prefix
+from .utils import DEFAULT_TOP_K, DEFAULT_TOP_P, install_hint, one_line
 
-DEFAULT_PORT = 7860
 DEFAULT_MAX_NEW_TOKENS = 256
 EXAMPLE_QUESTIONS = [
     "What is the sound in this audio?",
@@ -42,7 +40,6 @@ EXAMPLE_QUESTIONS = [
     "Is the speaker happy, angry or sad?",
     "How many times does the event occur?",
 ]
-DEMO_EXTRA_HINT = "pip install 'transformers-af2[demo]'"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -143,7 +140,7 @@ class AudioQuestionAnswerer:
             audio = self.family.encode_audio(str(path))
         except Exception as error:  # the front end names the problem; show the file by its name, not its upload path
             # One clip per call: the input label the front end prefixes ("audio: ") says nothing here.
-            message = _one_line(error).replace(str(path), name).removeprefix("audio[0]: ").removeprefix("audio: ")
+            message = one_line(error).replace(str(path), name).removeprefix("audio[0]: ").removeprefix("audio: ")
             raise ValueError(message if name in message else f"{name}: {message}") from error
         with self._model_lock, torch.inference_mode():
             state = self.family.clip_state(self.model, audio)
@@ -435,11 +432,12 @@ def describe_clip(clip: EncodedClip) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _import_gradio():
+def import_gradio():
+    """`gradio`, or an ImportError that says how to install it."""
     try:
         import gradio
     except ImportError as error:
-        raise ImportError(f"af2 demo needs Gradio ({error}); install it with: {DEMO_EXTRA_HINT}") from error
+        raise ImportError(f"af2 demo needs Gradio ({error}); install it with: {install_hint('demo')}") from error
     return gradio
 
 
@@ -449,7 +447,7 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str | None = None, soundc
     description) and `/answer(audio, question, decoding, max_new_tokens, top_k, top_p, temperature, seed,
     soundcot_repair)` -> answer (streamed).
     """
-    gr = _import_gradio()
+    gr = import_gradio()
     family = answerer.family
     title = title or family.display_name
     short = family.short_name
@@ -460,7 +458,7 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str | None = None, soundc
         try:
             clip = answerer.encode(audio)
         except (ValueError, OSError, RuntimeError) as error:
-            raise gr.Error(_one_line(error), title="Cannot read this audio", duration=None) from error
+            raise gr.Error(one_line(error), title="Cannot read this audio", duration=None) from error
         return render_clip(clip, audio), describe_clip(clip)
 
     def answer(audio, question, decoding, max_new_tokens, top_k, top_p, temperature, seed, soundcot_repair):
@@ -479,7 +477,7 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str | None = None, soundc
                 temperature=temperature,
             )
         except (ValueError, OSError, RuntimeError) as error:
-            raise gr.Error(_one_line(error), title="Cannot answer", duration=None) from error
+            raise gr.Error(one_line(error), title="Cannot answer", duration=None) from error
 
     with gr.Blocks(title=title) as demo:
         gr.Markdown(
@@ -542,66 +540,12 @@ def build_demo(answerer: AudioQuestionAnswerer, title: str | None = None, soundc
     return demo
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# af2 demo
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def add_demo_parser(subparsers, formatter_class=argparse.HelpFormatter, default_model: str | None = None) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="a web page to ask AF2, AF3 or Music Flamingo about uploaded or recorded audio (Gradio)",
-        formatter_class=formatter_class,
-        description=(
-            "Start a Gradio page to ask Audio Flamingo 2, Audio Flamingo 3 or Music Flamingo (any checkpoint af2 "
-            "caption takes) about a clip: upload or record audio, see the windows the model reads, ask questions and read the answer as it is generated. Needs the [demo] extra "
-            f"({DEMO_EXTRA_HINT}).\n\n"
-            "examples:\n"
-            "  af2 demo\n"
-            "  af2 demo --model af2-0.5b-hf --port 7861\n"
-            "  af2 demo --model nvidia/audio-flamingo-2-SoundCoT --share"
-        ),
-    )
-    add_model_arguments(parser, default_model, speed_options=True)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
-    parser.add_argument("--share", action="store_true", help="also publish the page through a gradio.live link")
-    add_device_arguments(parser)
-    parser.add_argument(
-        "--max-cached-clips", type=int, default=8, metavar="N", help="encoded clips kept for further questions"
-    )
-    parser.set_defaults(handler=run_demo)
-
-
-def run_demo(args) -> int:
-    from .cli import _resolve_device, load_model_and_processor, model_loading_options
-
-    try:
-        _import_gradio()  # fail before loading a model when the extra is missing
-    except ImportError as error:
-        raise RuntimeError(str(error)) from error  # the command line's one-line error
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    device = _resolve_device(args.device)
-    model, processor = load_model_and_processor(
-        args.model,
-        device=device,
-        original_config=args.config,
-        **model_loading_options(device, args.dtype, args.fast, args.quantization),
-    )
-    answerer = AudioQuestionAnswerer(model, processor, max_cached_clips=args.max_cached_clips)
-    soundcot = answerer.family.supports_soundcot_repair and "soundcot" in str(args.model).lower()
-    name = os.path.basename(os.path.normpath(args.model)) if os.path.isdir(args.model) else args.model
-    demo = build_demo(answerer, title=f"{answerer.family.display_name} — {name}", soundcot_default=soundcot)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False, show_error=True)
-    return 0
-
-
 __all__ = [
     "AudioQuestionAnswerer",
     "ClipCache",
     "EncodedClip",
-    "add_demo_parser",
     "build_demo",
     "describe_clip",
+    "import_gradio",
     "render_clip",
 ]

@@ -77,10 +77,10 @@ class AudioFlamingo2LmmsEval(lmms):
                 f"--model_args: unknown argument(s) {sorted(kwargs)} for af2; it takes pretrained, device, dtype, "
                 "batch_size, max_new_tokens."
             )
-        from .cli import _resolve_device, load_model_and_processor
+        from .loading import load_model_and_processor, resolve_device
         from .utils import parse_dtype
 
-        self._device = _resolve_device(device)
+        self._device = resolve_device(device)
         self.model, self.processor = load_model_and_processor(
             pretrained, device=self._device, dtype=parse_dtype(dtype, self._device)
         )

@@ -2,8 +2,8 @@
 Weight-only quantized AF2 through transformers' own quantizers: one name per scheme, the audio side kept unquantized.
 
 `quantization_config(name)` gives the transformers config for `AudioFlamingo2ForConditionalGeneration.from_pretrained(
-..., quantization_config=...)`; commands take the name as `--quantization` (`cli.add_model_arguments(speed_options=True)`,
-`cli.load_model_and_processor`; `af2 generate` today).
+..., quantization_config=...)`; every command that loads a model takes the name as `--quantization`
+(`commands.options.add_speed_arguments`, `loading.load_model_and_processor`).
 
 | name | library | weights | kernel on CPU |
 |---|---|---|---|

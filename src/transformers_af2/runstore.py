@@ -268,6 +268,13 @@ def package_versions() -> dict:
     }
 
 
+def strict_versions(versions: dict | None = None) -> dict:
+    """The entries of `versions` (default: `package_versions()`) a resumed run must match: `STRICT_VERSIONS`' (other
+    versions are recorded for information)."""
+    versions = package_versions() if versions is None else versions
+    return {name: version for name, version in versions.items() if name in STRICT_VERSIONS}
+
+
 def record_differences(recorded, current, prefix: str = "") -> list[str]:
     """`field: was X, now Y` for each leaf that differs between two nested records (dotted field names)."""
     if isinstance(recorded, dict) and isinstance(current, dict):
@@ -806,6 +813,7 @@ __all__ = [
     "read_jsonl_lines",
     "record_differences",
     "sampled_sha256",
+    "strict_versions",
     "write_atomically",
     "write_json_atomically",
     "write_rows",

@@ -1,5 +1,6 @@
-"""Small helpers shared by the command line, the converter, the model and the benchmarks: dtype names, finite
-weights. Importing it does not import torch (the command line reads the dtype names before it needs torch)."""
+"""Small helpers shared by the command line, the converter, the model, the demo and the benchmarks: dtype names, the
+sampling defaults, finite weights, one-line errors. Importing it does not import torch (the command line reads the
+dtype names before it needs torch)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,40 @@ DTYPES = {
 }
 # The canonical names, for argparse choices.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+# The original demo's sampling settings (inference_HF_pretrained/inference.py): what `--sample` (af2 generate,
+# af2 caption) and the demo's "sample" use unless told otherwise.
+DEFAULT_TOP_K = 30
+DEFAULT_TOP_P = 0.95
+
+
+def install_hint(extra: str) -> str:
+    """How to install one of the package's extras (`demo`, `serve`, `eval`, ...), as error messages and help say it."""
+    return f"pip install 'transformers-af2[{extra}]'"
+
+
+def lazy_exports(package: str, homes: dict[str, str]):
+    """
+    `(__getattr__, __dir__)` for a package that re-exports names from its modules (`homes`: name -> module, relative
+    to `package`), each module imported when one of its names is first used: so that importing the package for one
+    light module (a command's parser) does not import its engines (torch).
+    """
+    import importlib
+
+    def __getattr__(name: str):
+        if name not in homes:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(homes[name], package), name)
+
+    def __dir__():
+        return sorted([*vars(importlib.import_module(package)), *homes])
+
+    return __getattr__, __dir__
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (the command line's and the demo's error text)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def parse_dtype(name: str | torch.dtype | None, device: torch.device | str | None = None) -> torch.dtype:
@@ -55,7 +90,18 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "non_finite_tensors", "parse_dtype", "set_seed"]
+__all__ = [
+    "DEFAULT_TOP_K",
+    "DEFAULT_TOP_P",
+    "DTYPES",
+    "DTYPE_NAMES",
+    "install_hint",
+    "lazy_exports",
+    "non_finite_tensors",
+    "one_line",
+    "parse_dtype",
+    "set_seed",
+]
 
 
 def non_finite_tensors(named_tensors) -> list[str]:

@@ -1,20 +1,23 @@
-"""Caption and label audio at scale: `af2 caption`, and the resumable, data-parallel generation engine under it."""
+"""Caption and label audio at scale: `caption()` (what `af2 caption` runs), and the resumable, data-parallel
+generation engine under it."""
 
-from ..runstore import RunStore
-from .command import caption
-from .engine import GenerationJob, ProcessGroup, RunSummary, jobs_for_clips, run_generation_jobs
-from .inputs import Clip, DatasetAudio, discover_clips, row_id
+from ..utils import lazy_exports
 
-__all__ = [
-    "Clip",
-    "DatasetAudio",
-    "GenerationJob",
-    "ProcessGroup",
-    "RunStore",
-    "RunSummary",
-    "caption",
-    "discover_clips",
-    "jobs_for_clips",
-    "row_id",
-    "run_generation_jobs",
-]
+# name -> the module defining it, imported on first use: `af2 caption --help` and the packages that read audio lists
+# with `caption.inputs` do not import the engine (torch).
+_HOMES = {
+    "RunStore": "..runstore",
+    "caption": ".api",
+    "GenerationJob": ".engine",
+    "ProcessGroup": ".engine",
+    "RunSummary": ".engine",
+    "jobs_for_clips": ".engine",
+    "run_generation_jobs": ".engine",
+    "Clip": ".inputs",
+    "DatasetAudio": ".inputs",
+    "discover_clips": ".inputs",
+    "row_id": ".inputs",
+}
+
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

@@ -27,7 +27,7 @@ import torch
 
 from ..families import EncodedAudio, ModelFamily, family_for, source_seconds
 from ..generation_utils import through_first_eos
-from ..runstore import STRICT_VERSIONS, OutputRefused, Progress, RunStore, package_versions
+from ..runstore import OutputRefused, Progress, RunStore, package_versions, strict_versions
 from .inputs import Clip, row_id, shard_of
 
 
@@ -337,8 +337,7 @@ def run_generation_jobs(
         refusal = None
         if processes.is_main:
             try:
-                strict = {name: v for name, v in (versions or {}).items() if name in STRICT_VERSIONS}
-                store.open({**settings, "versions": strict})
+                store.open({**settings, "versions": strict_versions(versions or {})})
                 on_exit.callback(store.close)
             except OutputRefused as error:
                 refusal = error

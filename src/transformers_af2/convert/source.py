@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ..utils import one_line
 from .errors import ConversionError
 
 KNOWN_CHECKPOINTS = {
@@ -71,17 +72,13 @@ def resolve_source(
         )
     except (HfHubHTTPError, LocalEntryNotFoundError) as error:
         raise ConversionError(
-            f"{source}{'@' + revision if revision else ''}: cannot fetch the checkpoint ({_one_line(error)})."
+            f"{source}{'@' + revision if revision else ''}: cannot fetch the checkpoint ({one_line(error)[:300]})."
         ) from error
 
 
 def source_revision(directory: Path) -> str | None:
     """The commit of a hub snapshot (`.../snapshots/<commit>`), None for any other directory."""
     return directory.name if directory.parent.name == "snapshots" else None
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__
 
 
 def load_clap_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -1,24 +1,26 @@
-"""Benchmark evaluation of AF2 as the original does it: `af2 eval`, the task table, readers, scorers, runner."""
+"""Benchmark evaluation of AF2 as the original does it: the task table, readers, scorers and runner that `af2 eval`
+runs."""
 
-from .engines import CaptionEngine, LoopEngine
-from .generation import AnswerGenerator, BatchedAnswerGenerator
-from .runner import run_evaluation
-from .scoring import match_label, mmau_string_match, normalize_answer, score_items, short_answer_match
-from .tasks import GENERATION_SETTINGS, TASKS, EvalTask, get_task
+from ..utils import lazy_exports
 
-__all__ = [
-    "GENERATION_SETTINGS",
-    "TASKS",
-    "AnswerGenerator",
-    "BatchedAnswerGenerator",
-    "CaptionEngine",
-    "EvalTask",
-    "LoopEngine",
-    "get_task",
-    "match_label",
-    "mmau_string_match",
-    "normalize_answer",
-    "run_evaluation",
-    "score_items",
-    "short_answer_match",
-]
+# name -> the module defining it, imported on first use: `af2 eval --help` reads the task table without importing
+# the engines and the runner.
+_HOMES = {
+    "CaptionEngine": ".engines",
+    "LoopEngine": ".engines",
+    "AnswerGenerator": ".generation",
+    "BatchedAnswerGenerator": ".generation",
+    "run_evaluation": ".runner",
+    "match_label": ".scoring",
+    "mmau_string_match": ".scoring",
+    "normalize_answer": ".scoring",
+    "score_items": ".scoring",
+    "short_answer_match": ".scoring",
+    "GENERATION_SETTINGS": ".tasks",
+    "TASKS": ".tasks",
+    "EvalTask": ".tasks",
+    "get_task": ".tasks",
+}
+
+__all__ = sorted(_HOMES)
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

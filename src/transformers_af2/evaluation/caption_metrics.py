@@ -20,6 +20,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ..utils import install_hint
+
 _CORENLP_JAR = Path("aac-metrics") / "stanford_nlp" / "stanford-corenlp-3.4.1.jar"
 _SPICE_JAR = Path("aac-metrics") / "spice" / "spice-1.0.jar"
 # pycocoevalcap's (and aac-metrics') list, as it is: the bracket tokens are written in upper case there while
@@ -35,7 +37,7 @@ def _import_aac_metrics():
         import aac_metrics.functional  # noqa: F401
     except ImportError as error:
         raise ImportError(
-            f"captioning metrics need aac-metrics ({error}); install them with: pip install 'transformers-af2[eval]'"
+            f"captioning metrics need aac-metrics ({error}); install them with: {install_hint('eval')}"
         ) from None
     return aac_metrics
 

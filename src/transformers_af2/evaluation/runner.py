@@ -21,14 +21,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..runstore import (
-    STRICT_VERSIONS,
-    RunFolder,
-    file_sha256,
-    file_stamp,
-    model_fingerprint,
-    package_versions,
-)
+from ..runstore import RunFolder, file_sha256, file_stamp, model_fingerprint, strict_versions
 from .engines import GENERATIONS, PREDICTIONS, LoopEngine
 from .readers import mmau_release
 from .scoring import mmau_submission, score_items
@@ -146,7 +139,7 @@ def run_evaluation(
         "engine": type(engine).__name__,
         "generation": engine.settings,
         "limit": limit,
-        "versions": {k: v for k, v in package_versions().items() if k in STRICT_VERSIONS},
+        "versions": strict_versions(),
     }
     folder = RunFolder(
         output,

@@ -12,7 +12,7 @@ for 4). So the kernels are a choice per shape class (`LinearKernels`), made for 
 - `choose_linear_kernels(model)` reads `$AF2_LINEAR_KERNELS`: unset or `"default"` keeps `nn.Linear`'s own path;
   `"auto"` times the alternatives with the model's own weights at first use (~1 s) and caches the choice per CPU model,
   PyTorch version, thread count, dtype and layer shapes; an explicit choice overrides. `af2 generate --fast` and
-  `cli.load_model_and_processor` apply it.
+  `loading.load_model_and_processor` apply it.
 
 `FastCPULinear` (`enable_fast_cpu_linears`, which changes the class) is the earlier form of the same kernels, kept for
 code that uses it. `benchmarks/kernel_choice.py` measures the choice; `benchmarks/benchmark.py` (item `linears`)

@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     args = parser.parse_args(argv)
-    from ..cli import run  # errors in one line, as `af2 train`'s
+    from ..commands import run  # errors in one line, as `af2 train`'s
 
     return run(args)
 

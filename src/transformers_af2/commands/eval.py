@@ -1,16 +1,19 @@
-"""`af2 eval`: the parser and the handler (registered by `transformers_af2.cli`)."""
+"""`af2 eval`: a benchmark, evaluated the way the original does (`evaluation.runner.run_evaluation` runs it)."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-from .tasks import GENERATION_SETTINGS, TASKS
+from .options import DEFAULT_MODEL, HelpFormatter, add_device_arguments, add_speed_arguments, positive_int
+
+HELP = "evaluate AF2 on a benchmark (MMAU, ClothoAQA, Clotho/AudioCaps captioning, classification)"
 
 
 def _task_table() -> str:
+    from ..evaluation.tasks import TASKS
+
     width = max(len(name) for name in TASKS)
     return "\n".join(
         f"  {name:<{width}}  {task.description}\n  {'':<{width}}  --data {task.data_hint}"
@@ -18,13 +21,14 @@ def _task_table() -> str:
     )
 
 
-def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter) -> None:
-    from ..cli import DEFAULT_MODEL, _positive_int, add_device_arguments, add_speed_arguments
+def add_parser(subparsers) -> None:
+    # Here, not at the top: `af2 --help` and the other commands import this module for HELP only.
+    from ..evaluation.tasks import GENERATION_SETTINGS, TASKS
 
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate AF2 on a benchmark (MMAU, ClothoAQA, Clotho/AudioCaps captioning, classification)",
-        formatter_class=formatter_class,
+        help=HELP,
+        formatter_class=HelpFormatter,
         description=(
             "Evaluate Audio Flamingo 2 on a benchmark in its public file format, the way the original evaluation "
             "does: AF2's prompt for the task, greedy decoding (1 beam, 256 new tokens, stop at eos), the benchmark's "
@@ -49,15 +53,15 @@ def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpForma
     parser.add_argument(
         "--prompt", metavar="TEMPLATE", help="replace the task's prompt template ({question}, {options}, ...)"
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="questions per generate call")
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="questions per generate call")
     parser.add_argument(
         "--max-new-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=GENERATION_SETTINGS["max_new_tokens"],
         metavar="N",
         help="most tokens per answer (the original evaluation: 256)",
     )
-    parser.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate the first N items only")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N items only")
     parser.add_argument(
         "--engine",
         default="auto",
@@ -75,21 +79,22 @@ def add_eval_parser(subparsers, formatter_class=argparse.RawDescriptionHelpForma
     )
     add_device_arguments(parser)
     add_speed_arguments(parser)
-    parser.set_defaults(handler=run_eval_command)
+    parser.set_defaults(handler=run)
 
 
-def run_eval_command(args) -> int:
+def run(args) -> int:
     import torch
 
-    from ..cli import _resolve_device, load_model_and_processor, model_loading_options
+    from ..evaluation.engines import CaptionEngine, LoopEngine
+    from ..evaluation.generation import BatchedAnswerGenerator
+    from ..evaluation.runner import run_evaluation
+    from ..evaluation.tasks import GENERATION_SETTINGS
     from ..families import family_for
-    from .engines import CaptionEngine, LoopEngine
-    from .generation import BatchedAnswerGenerator
-    from .runner import run_evaluation
+    from ..loading import load_model_and_processor, model_loading_options, resolve_device
 
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be 0 or more, got {args.num_workers}.")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per data-parallel process
     model, processor = load_model_and_processor(

@@ -1,0 +1,82 @@
+"""
+The `af2` command line: `build_parser`, `main`, and `run` (one-line errors, exit status 2; Ctrl-C, 130).
+
+Each command is a module of this package with its one-line `HELP`, `add_parser(subparsers)` and `run(args)`; what
+they share on the command line is `options`, and how they load a model is `transformers_af2.loading`. Only the
+command being run has its parser built, and no module here imports torch or transformers at import time: `af2
+--help`, `af2 COMMAND --help` and usage errors answer at once. The engines the commands run (`caption`,
+`evaluation`, `serving`, `demo`, `trainer`, `convert`) never import this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from ..utils import one_line
+
+# In the order `af2 --help` lists them; each is the module `transformers_af2.commands.<name>`.
+COMMANDS = ("generate", "convert", "caption", "train", "eval", "demo", "serve")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """
+    The `af2` parser. `command`: the one command whose full parser is built (the others get their one-line help
+    only); None builds every command's.
+    """
+    parser = argparse.ArgumentParser(
+        prog="af2",
+        description=(
+            "Audio Flamingo 2 with Hugging Face transformers: answer questions about audio, convert NVIDIA's "
+            "checkpoints. Run `af2 COMMAND --help` for a command's options."
+        ),
+        epilog="Errors print one line, `af2 COMMAND: error: ...`, and exit with status 2 (set AF2_DEBUG=1 for a "
+        "traceback); `af2 generate` exits with 1 when some files got no answer (the others are printed), and Ctrl-C "
+        "exits with 130.",
+    )
+    from .._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"af2 {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f".{name}", __name__)
+        if command is None or command == name:
+            module.add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=module.HELP, add_help=False)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed with only the named command's parser built (see `build_parser`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    return build_parser(command if command in COMMANDS else "").parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except KeyboardInterrupt:
+        print("af2: interrupted", file=sys.stderr)
+        return 130
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs a parsed command: errors in one line (exit status 2), Ctrl-C as exit status 130."""
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"af2 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError, KeyError) as error:
+        if os.environ.get("AF2_DEBUG"):
+            raise
+        print(f"af2 {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["COMMANDS", "build_parser", "main", "parse_args", "run"]
