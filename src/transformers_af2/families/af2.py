@@ -190,7 +190,7 @@ class AudioFlamingo2Family(ModelFamily):
         """AF2's training text (`processor.build_training_text`) truncated to `max_length` with the processor's label
         rule, and AF2's windows: `input_features` (batch, windows, frames, mels), `input_features_mask` (batch,
         windows), padded to the batch's largest."""
-        from ..trainer.collator import af2_audio_features, af2_training_tokens
+        from ..processing.training_batch import af2_audio_features, af2_training_tokens
 
         texts = [self.processor.build_training_text(p, a) for p, a in zip(prompts, answers, strict=True)]
         batch = af2_training_tokens(self.processor, texts, max_length, pad_to_multiple_of)
@@ -199,7 +199,7 @@ class AudioFlamingo2Family(ModelFamily):
         return batch
 
     def check_training_example(self, prompt, answer, audio, audio_start=0.0, max_length=512, sampling_rate=None):
-        from ..trainer.collator import af2_training_tokens
+        from ..processing.training_batch import af2_training_tokens
 
         try:
             self.feature_extractor.load_audio(audio, sampling_rate=sampling_rate, start=float(audio_start))
@@ -211,7 +211,7 @@ class AudioFlamingo2Family(ModelFamily):
         return tokens, int((labels != -100).sum())
 
     def training_windows(self, audio, audio_start: float = 0.0) -> int:
-        from ..trainer.data import count_windows
+        from ..processing.training_batch import count_windows
 
         return count_windows(audio, self.feature_extractor, audio_start)
 

@@ -24,10 +24,11 @@ from transformers.utils import logging
 from ..processing.processing_audioflamingo2 import (
     AUDIO_TOKEN,
     END_OF_CHUNK_TOKEN,
-    IGNORE_INDEX,
+    IGNORE_INDEX,  # noqa: F401 - re-exported
     af2_labels,
     build_training_text,
 )
+from ..processing.training_batch import af2_audio_features, af2_training_tokens, max_frames  # noqa: F401
 
 logger = logging.get_logger(__name__)
 
@@ -47,46 +48,6 @@ def example_audio(example: Mapping[str, Any], audio_key: str, sampling_rate_key:
     if example.get(sampling_rate_key) is not None:
         return {"array": audio, "sampling_rate": int(example[sampling_rate_key])}
     return audio
-
-
-def max_frames(feature_extractor, rate: int) -> int:
-    """Frames of a `rate` Hz source the windows can use: `max_num_window * (window - overlap) + overlap` seconds, as
-    the original reads."""
-    seconds = (
-        feature_extractor.max_num_window * (feature_extractor.window_length - feature_extractor.window_overlap)
-        + feature_extractor.window_overlap
-    )
-    return int(seconds * rate)
-
-
-def af2_training_tokens(processor, texts: Sequence[str], max_length: int, pad_to_multiple_of: int | None = None):
-    """`input_ids`, `attention_mask`, `labels` `(batch, tokens)` of AF2 training texts: truncated to `max_length`,
-    right-padded with the pad token, labels by the processor's rule (`training_labels`)."""
-    tokenizer = processor.tokenizer
-    encoded = tokenizer(list(texts), max_length=max_length, truncation=True, padding=False)["input_ids"]
-    width = max(len(ids) for ids in encoded)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        if len(ids) == max_length and ids[-1] != tokenizer.eos_token_id:
-            logger.warning_once(
-                f"a training sample is longer than max_length={max_length} tokens and was cut; as in the "
-                "original, its answer is not trained on. Shorten the prompt or raise max_length."
-            )
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, : len(ids)] = torch.tensor(processor.training_labels(ids), dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def af2_audio_features(feature_extractor, audios: Sequence, starts: Sequence[float], sampling_rate: int | None = None):
-    """`input_features`, `input_features_mask` of AF2's front end (windows padded to the batch's largest); `starts`
-    are the original's `audio_start` seconds (the extractor reads from there, first channel, MP3 mixed down)."""
-    features = feature_extractor(list(audios), sampling_rate=sampling_rate, start=list(starts), return_tensors="pt")
-    return {"input_features": features["input_features"], "input_features_mask": features["input_features_mask"]}
 
 
 class TrainingDataCollator:

@@ -14,7 +14,6 @@ Every reader returns a `datasets.Dataset` with one row per example and the colum
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging as std_logging
 import math
@@ -26,64 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from transformers.utils import logging
 
-from .collator import max_frames
+from ..processing.training_batch import audio_duration, count_windows, default_feature_extractor, describe_audio
 
 logger = logging.get_logger(__name__)
 
 LENGTH_TEXT_SLOTS = 4096
-
-
-def _feature_extractor(feature_extractor=None):
-    if feature_extractor is not None:
-        return feature_extractor
-    from ..processing import AudioFlamingo2FeatureExtractor
-
-    return AudioFlamingo2FeatureExtractor()
-
-
-def audio_duration(audio: Any, audio_start: float = 0.0) -> tuple[int, int]:
-    """`(frames, sampling_rate)` of the audio after `audio_start`, read from the file header (no decoding)."""
-    import soundfile as sf
-
-    if hasattr(audio, "metadata") and hasattr(audio, "get_all_samples"):  # torchcodec AudioDecoder
-        rate = int(audio.metadata.sample_rate)
-        frames = round(float(audio.metadata.duration_seconds_from_header or 0.0) * rate)
-    elif isinstance(audio, Mapping) and audio.get("array") is not None:
-        rate = int(audio["sampling_rate"])
-        array = np.asarray(audio["array"])
-        frames = array.shape[-1] if array.ndim == 2 and array.shape[0] <= 8 else array.shape[0]
-    else:
-        source = audio
-        if isinstance(audio, Mapping):
-            source = io.BytesIO(audio["bytes"]) if audio.get("bytes") is not None else audio.get("path")
-        elif isinstance(audio, (bytes, bytearray)):
-            source = io.BytesIO(audio)
-        info = sf.info(source)
-        rate, frames = int(info.samplerate), int(info.frames)
-    return max(0, frames - int(float(audio_start or 0.0) * rate)), rate
-
-
-def count_windows(audio: Any, feature_extractor=None, audio_start: float = 0.0) -> int:
-    """The number of windows the feature extractor will make of this audio (1 when the header cannot be read: the
-    collator reports the error when the audio is used)."""
-    extractor = _feature_extractor(feature_extractor)
-    try:
-        frames, rate = audio_duration(audio, audio_start)
-    except Exception as error:  # noqa: BLE001 - any unreadable header counts as one window; decoding raises later
-        logger.info(f"cannot read the length of {_describe(audio)} ({error}); counting it as 1 window.")
-        return 1
-    frames = min(frames, max_frames(extractor, rate))
-    samples = math.ceil(frames * extractor.sampling_rate / rate) if rate != extractor.sampling_rate else frames
-    return extractor.num_windows(samples)
-
-
-def _describe(audio: Any) -> str:
-    if isinstance(audio, Mapping):
-        return str(audio.get("path") or "an in-memory audio")
-    return str(audio) if isinstance(audio, (str, os.PathLike)) else type(audio).__name__
 
 
 def length_key(num_windows: int, prompt: Any, answer: Any) -> int:
@@ -97,7 +45,7 @@ def _add_lengths(dataset, feature_extractor=None, num_proc: int | None = None, f
     if family is not None:
         windows_of = family.training_windows
     else:
-        extractor = _feature_extractor(feature_extractor)
+        extractor = default_feature_extractor(feature_extractor)
 
         def windows_of(audio, audio_start):
             return count_windows(audio, extractor, audio_start)
@@ -440,7 +388,7 @@ def check_training_data(
             report.dropped.append(
                 {
                     "row": row,
-                    "audio": None if example.get("audio") is None else _describe(example["audio"]),
+                    "audio": None if example.get("audio") is None else describe_audio(example["audio"]),
                     "prompt": example.get("prompt"),
                     "kind": kind,
                     "reason": reasons[row],
