@@ -56,7 +56,12 @@ from shapes import SHAPES, build_config, build_random_model
 
 from transformers_af2 import AudioFlamingo2FeatureExtractor
 from transformers_af2.convert.export import write_original_layout
-from transformers_af2.modeling.cpu_linear import enable_fast_cpu_linears
+from transformers_af2.modeling.cpu_linear import (
+    LinearKernels,
+    choose_linear_kernels,
+    enable_fast_cpu_linears,
+    use_linear_kernels,
+)
 
 WORKER = Path(__file__).resolve().parent / "original_af2_worker.py"
 TARGETS = {"prefill_s": 1.2, "decode_step_s": 2.5}  # speed-up over the original the issue asks for
@@ -74,8 +79,9 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens per generate (decode steps: one less)")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length, <audio> and <SEP> included")
     parser.add_argument("--seconds", type=int, nargs="+", default=[10, 120], help="audio lengths")
-    parser.add_argument("--linears", choices=["plain", "fast"], default="plain",
-                        help="this package's CPU linears: plain nn.Linear (as built) or the FastCPULinear opt-in")  # fmt: skip
+    parser.add_argument("--linears", choices=["plain", "fast", "auto"], default="plain",
+                        help="this package's CPU linears: plain nn.Linear (as built), the FastCPULinear opt-in, or "
+                             "the kernels AF2_LINEAR_KERNELS=auto picks for this machine (measured in the work dir)")  # fmt: skip
     parser.add_argument("--one-at-a-time", action="store_true", help="one side in memory at a time (see above)")
     parser.add_argument("--work-dir", type=Path, help="where the checkpoint and audio go (default: a temporary one)")
     parser.add_argument("--check-fixture", type=Path, help="a parity fixture directory: check the original on it")
@@ -474,6 +480,11 @@ def side_by_side(args, work_dir: Path) -> dict:
     setup = original_setup(config, checkpoint, tokenizer, lm_config)
     if args.linears == "fast":
         enable_fast_cpu_linears(model)
+    linear_kernels = None
+    if args.linears == "auto":
+        linear_kernels = str(choose_linear_kernels(model, "auto", cache_dir=work_dir))
+        use_linear_kernels(model, LinearKernels.parse(linear_kernels))
+        log(f"linear kernels chosen for this machine: {linear_kernels}")
     prompt = random_prompt(config, args.prompt_tokens)
     requests = {
         str(seconds): {
@@ -492,6 +503,7 @@ def side_by_side(args, work_dir: Path) -> dict:
         "prompt_tokens": args.prompt_tokens,
         "repeats": args.repeats,
         "linears": args.linears,
+        "linear_kernels": linear_kernels,
         "machine": machine_description(),
         "ours_environment": {
             "torch": torch.__version__,
