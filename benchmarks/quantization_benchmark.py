@@ -244,10 +244,13 @@ def agreement_cells(entry) -> str:
     if not agree:
         return "- | - | -"
     fidelity = entry["teacher_forced"]["fidelity"]
+    decisive = fidelity["decisive_agreement"]
+    # No position's float32 margin clears k x the variant's error: there is nothing to agree on, not a NaN score.
+    decisive = "none qualifies" if decisive != decisive else f"{decisive:.1%}"
     return (
         f"{agree['tokens']:.1%} / {agree['identical_answers']} of {len(entry['answers'])} / "
         f"{agree['teacher_forced_tokens']:.1%} | {fidelity['relative_logit_error_median']:.3f} / "
-        f"{fidelity['relative_logit_error_max']:.3f} | {fidelity['decisive_agreement']:.1%} "
+        f"{fidelity['relative_logit_error_max']:.3f} | {decisive} "
         f"(k={fidelity['margin_k']:g}; {fidelity['decisive_share']:.0%})"
     )
 
