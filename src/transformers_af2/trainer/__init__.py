@@ -18,48 +18,40 @@
 See `trainer/README.md` for the command line (`af2 train`), LoRA, and multi-GPU / FSDP.
 """
 
-import importlib
+from ..utils import lazy_exports
 
 # name -> the submodule defining it. Imported on first use, so `af2 train`'s parser (trainer.cli, this package's
 # submodule) does not import transformers' Trainer, peft, bitsandbytes and datasets before a command needs them.
 _HOMES = {
-    "AudioFlamingo2DataCollator": "collator",
-    "TrainingDataCollator": "collator",
-    "af2_labels": "collator",
-    "build_training_text": "collator",
-    "DataCheck": "data",
-    "check_training_data": "data",
-    "count_windows": "data",
-    "from_hf_dataset": "data",
-    "length_key": "data",
-    "load_af2_json": "data",
-    "load_jsonl": "data",
-    "load_training_data": "data",
-    "LORA_TARGETS": "lora",
-    "apply_lora": "lora",
-    "continue_lora": "lora",
-    "load_lora": "lora",
-    "lora_config": "lora",
-    "lora_target_regex": "lora",
-    "merge_lora": "lora",
-    "STAGES": "stages",
-    "TrainableSummary": "stages",
-    "eval_frozen_modules": "stages",
-    "frozen_eval_module_names": "stages",
-    "mask_embedding_gradient": "stages",
-    "set_trainable_parameters": "stages",
-    "AudioFlamingo2Trainer": "training",
-    "last_complete_checkpoint": "training",
+    "AudioFlamingo2DataCollator": ".collator",
+    "TrainingDataCollator": ".collator",
+    "af2_labels": ".collator",
+    "build_training_text": ".collator",
+    "DataCheck": ".data",
+    "check_training_data": ".data",
+    "count_windows": ".data",
+    "from_hf_dataset": ".data",
+    "length_key": ".data",
+    "load_af2_json": ".data",
+    "load_jsonl": ".data",
+    "load_training_data": ".data",
+    "LORA_TARGETS": ".lora",
+    "apply_lora": ".lora",
+    "continue_lora": ".lora",
+    "load_lora": ".lora",
+    "lora_config": ".lora",
+    "lora_target_regex": ".lora",
+    "merge_lora": ".lora",
+    "STAGES": ".stages",
+    "TrainableSummary": ".stages",
+    "eval_frozen_modules": ".stages",
+    "frozen_eval_module_names": ".stages",
+    "mask_embedding_gradient": ".stages",
+    "set_trainable_parameters": ".stages",
+    "AudioFlamingo2Trainer": ".training",
+    "last_complete_checkpoint": ".training",
 }
 
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-
-
-def __dir__():
-    return sorted([*globals(), *_HOMES])
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
