@@ -285,6 +285,23 @@ def parse_args(argv=None):
     return args
 
 
+def write_results(args, results) -> str:
+    """Write the JSON and the Markdown table of the shapes measured so far; return the Markdown."""
+    done = list(results["shapes"])
+    header = (
+        f"{', '.join(done)}; {args.threads} threads; decode step: median of {args.repeats} runs of "
+        f"{args.steps} steps; agreement: {args.clips} inputs x {args.new_tokens} greedy tokens; caption: "
+        + ", ".join(f"{s} {results['shapes'][s]['caption_clips']} clips{caption_note(s, results)}" for s in done)
+        + f" of 3-{args.caption_max_seconds:g} s, {args.caption_tokens} tokens, batch {args.batch_size}; "
+        f"whole run {results['seconds'] / 60:.1f} min"
+    )
+    markdown = header + "\n\n" + format_table(results)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(results, str(args.out_dir / f"{args.name}.json"))
+    (args.out_dir / f"{args.name}.md").write_text(markdown + "\n")
+    return markdown
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -331,20 +348,11 @@ def main(argv=None) -> int:
             results["shapes"][shape] = entry
             for path in (checkpoint, clip_dir):
                 shutil.rmtree(path)
-    results["seconds"] = time.perf_counter() - started
-    table = format_table(results)
-    header = (
-        f"{', '.join(args.shapes)}; {args.threads} threads; decode step: median of {args.repeats} runs of "
-        f"{args.steps} steps; agreement: {args.clips} inputs x {args.new_tokens} greedy tokens; caption: "
-        + ", ".join(
-            f"{s} {results['shapes'][s]['caption_clips']} clips{caption_note(s, results)}" for s in args.shapes
-        )
-        + f" of 3-{args.caption_max_seconds:g} s, {args.caption_tokens} tokens, batch {args.batch_size}; whole run {results['seconds'] / 60:.1f} min"
-    )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(results, str(args.out_dir / f"{args.name}.json"))
-    (args.out_dir / f"{args.name}.md").write_text(header + "\n\n" + table + "\n")
-    print(header + "\n\n" + table)
+            # Each finished shape is on disk before the next starts: a crash in af2-3b (a full disk, the OOM killer)
+            # keeps af2-0.5b's rows.
+            results["seconds"] = time.perf_counter() - started
+            write_results(args, results)
+    print(write_results(args, results))
     failed = [
         f"{shape} {name}"
         for shape, e in results["shapes"].items()
