@@ -14,8 +14,8 @@ for 4). So the kernels are a choice per shape class (`LinearKernels`), made for 
   PyTorch version, thread count, dtype and layer shapes; an explicit choice overrides. `af2 generate --fast` and
   `loading.load_model_and_processor` apply it.
 
-`FastCPULinear` (`enable_fast_cpu_linears`, which changes the class) is the earlier form of the same kernels, kept for
-code that uses it. `benchmarks/kernel_choice.py` measures the choice; `benchmarks/benchmark.py` (item `linears`)
+`FastCPULinear` is the earlier form of the same kernels as a layer class of its own, kept for code that builds it;
+`enable_fast_cpu_linears` no longer changes any layer's class (it is `use_linear_kernels(model, FAST_KERNELS)`). `benchmarks/kernel_choice.py` measures the choice; `benchmarks/benchmark.py` (item `linears`)
 also compares `torch.compile` with weight freezing (tower 1.24x on the Xeon, after a 61 s compile).
 """
 
@@ -287,24 +287,18 @@ def choose_linear_kernels(model, setting: str | None = None, cache_dir: str | os
 
 
 def enable_fast_cpu_linears(model: nn.Module) -> int:
-    """Turns every plain `nn.Linear` under `model` into a `FastCPULinear` (parameters and names unchanged).
-    For inference only: quantize, wrap with PEFT or shard the model before, never after. Returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = FastCPULinear
-            count += 1
-    return count
+    """Routes every plain `nn.Linear` under `model` through the kernels `FastCPULinear` takes (`FAST_KERNELS`), with
+    `use_linear_kernels`: the layers keep their class. For inference only: quantize, wrap with PEFT or shard the
+    model before, never after. Returns how many layers it routed."""
+    return use_linear_kernels(model, FAST_KERNELS)
 
 
 def disable_fast_cpu_linears(model: nn.Module) -> int:
-    """Undoes `enable_fast_cpu_linears`: every `FastCPULinear` under `model` is a plain `nn.Linear` again."""
-    count = 0
-    for module in model.modules():
-        if type(module) is FastCPULinear:
-            module.__class__ = nn.Linear
-            count += 1
-    return count
+    """Undoes `enable_fast_cpu_linears` (every layer under `model` takes `nn.Linear`'s own path again); returns how
+    many layers had been routed through `FAST_KERNELS`."""
+    routed = sum(1 for m in model.modules() if type(m) is nn.Linear and linear_kernels_of(m) == FAST_KERNELS)
+    use_linear_kernels(model, DEFAULT_KERNELS)
+    return routed
 
 
 __all__ = [
