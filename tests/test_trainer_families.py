@@ -267,6 +267,22 @@ def test_af2_train_lora_learns_saves_and_the_adapter_loads_back(model_type, trai
     assert difference < 1e-4
 
 
+def test_weight_decay_on_a_continued_adapter_without_cross_attention_is_refused(trained, checkpoints, tmp_path):
+    """Continuing a saved AF3 adapter skips the family checks of a fresh run (the adapter decides what trains), so the
+    trainer itself refuses --weight-decay with the cross-attention scope on a model that has none: it would decay
+    nothing, silently. With --weight-decay-scope default the same continuation trains."""
+    _, _, run = trained("audioflamingo3")
+    argv = ["train", "--model", str(run), "--train-file", str(checkpoints / "train.jsonl"), "--use-cpu", "true",
+            "--report-to", "none", "--max-steps", "1", "--weight-decay", "0.1"]  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        _cli([*argv, "--output-dir", str(tmp_path / "refused")])
+    message = str(error.value)
+    assert "weight_decay=0.1 with weight_decay_scope='cross_attention'" in message
+    assert "--weight-decay-scope default" in message
+    assert _cli([*argv, "--output-dir", str(tmp_path / "decayed"), "--weight-decay-scope", "default"]) == 0
+    assert (tmp_path / "decayed" / "adapter_model.safetensors").is_file()
+
+
 def test_af2_train_resumes_an_af3_lora_run(trained, checkpoints, tmp_path):
     """A run resumed from step 2's checkpoint logs steps 3 and 4 as the uninterrupted run did and writes the same
     adapter (a kill -9 during a save is tested for AF2 in test_trainer_runs; the checkpoint logic is shared)."""

@@ -75,6 +75,17 @@ class AudioFlamingo2Trainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.args.label_names is None:
             self.label_names = ["labels"]
+        if (
+            weight_decay_scope == "cross_attention"
+            and self.args.weight_decay
+            and not any(".cross_attn." in name for name, _ in self.model.named_parameters())
+        ):
+            # Else the decay would silently apply to nothing (an AF3 / Music Flamingo model, or an adapter on one).
+            raise ValueError(
+                f"weight_decay={self.args.weight_decay} with weight_decay_scope='cross_attention': this model has no "
+                "cross-attention blocks, so nothing would decay. Use weight_decay_scope='default' (af2 train: "
+                "--weight-decay-scope default) to decay its trainable weights, or weight_decay=0."
+            )
         # Read once, on the unwrapped model: which modules stay in eval mode, which embedding rows train.
         self.frozen_eval_modules = frozen_eval_module_names(self.model)
         self.embedding_rows = None if trainable is None else trainable.embedding_rows
