@@ -64,7 +64,14 @@ def test_usage_errors_and_unknown_commands_answer_without_importing_torch(tmp_pa
     code, out, err, imported = _af2(["eval", "--task", "no-such-task"], tmp_path)
     assert code == 2 and "argument --task: invalid choice: 'no-such-task'" in err and imported == []
     code, out, err, imported = _af2(["serve", "--max-batch-size", "0"], tmp_path)
-    assert code == 2 and "argument --max-batch-size: must be greater than 0, got 0" in err and imported == []
+    assert code == 2 and "argument --max-batch-size: must be a positive integer, got 0" in err and imported == []
+    # Each of serve's limits says what it needs: a word, or an infinite limit, is refused by name.
+    code, out, err, imported = _af2(["serve", "--max-queue", "many"], tmp_path)
+    assert code == 2 and "argument --max-queue: must be a positive integer, got 'many'" in err and imported == []
+    code, out, err, imported = _af2(["serve", "--request-timeout", "inf"], tmp_path)
+    assert code == 2 and "argument --request-timeout: must be a finite number, got inf" in err and imported == []
+    code, out, err, imported = _af2(["serve", "--max-audio-mb", "0"], tmp_path)
+    assert code == 2 and "argument --max-audio-mb: must be greater than 0, got 0" in err and imported == []
 
 
 @pytest.mark.skipif(

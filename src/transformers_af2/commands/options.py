@@ -65,7 +65,16 @@ def probability(value: str) -> float:
     return number
 
 
+def positive_number(value: str) -> float:
+    """A finite number > 0 (sizes, seconds): `inf` is refused, not taken as "no limit"."""
+    number = finite_float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return number
+
+
 def positive_float(value: str) -> float:
+    """A sampling temperature: `positive_number`, pointing at --greedy for a deterministic answer."""
     number = finite_float(value)
     if number <= 0:
         raise argparse.ArgumentTypeError(

@@ -3,26 +3,23 @@ server settings they make."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from ..serving import API_KEY_ENV, LOCAL_HOSTS, check_serve_dependencies, load_served_model, resolve_model_path
 from ..utils import install_hint
-from .options import DEFAULT_MODEL, HelpFormatter, add_device_arguments, add_listen_arguments, add_model_arguments
+from .options import (
+    DEFAULT_MODEL,
+    HelpFormatter,
+    add_device_arguments,
+    add_listen_arguments,
+    add_model_arguments,
+    positive_int,
+    positive_number,
+)
 
 HELP = "serve AF2 over OpenAI's /v1/chat/completions API (audio as input_audio)"
 DEFAULT_PORT = 8000
-
-
-def _positive(kind):
-    def check(value: str):
-        number = kind(value)
-        if not number > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
-        return number
-
-    return check
 
 
 def _names(value: str) -> list[str]:
@@ -81,21 +78,21 @@ def add_parser(subparsers) -> None:
     )
     security.add_argument(
         "--audio-url-timeout",
-        type=_positive(float),
+        type=positive_number,
         default=10.0,
         metavar="SECONDS",
         help="with --allow-audio-urls: limit for a connection and for each read; a whole download gets 3x",
     )
-    security.add_argument("--max-audio-mb", type=_positive(float), default=50.0, help="largest audio accepted, in MB")
+    security.add_argument("--max-audio-mb", type=positive_number, default=50.0, help="largest audio accepted, in MB")
     load = parser.add_argument_group("load")
-    load.add_argument("--max-batch-size", type=_positive(int), default=8, help="requests per generate call")
+    load.add_argument("--max-batch-size", type=positive_int, default=8, help="requests per generate call")
     load.add_argument(
-        "--max-queue", type=_positive(int), default=64, help="requests that may wait; beyond it: 503 with Retry-After"
+        "--max-queue", type=positive_int, default=64, help="requests that may wait; beyond it: 503 with Retry-After"
     )
     load.add_argument(
-        "--request-timeout", type=_positive(float), default=300.0, help="seconds a request may wait and run"
+        "--request-timeout", type=positive_number, default=300.0, help="seconds a request may wait and run"
     )
-    load.add_argument("--max-tokens-limit", type=_positive(int), default=1024, help="largest max_tokens accepted")
+    load.add_argument("--max-tokens-limit", type=positive_int, default=1024, help="largest max_tokens accepted")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level")
     parser.set_defaults(handler=run)
 
