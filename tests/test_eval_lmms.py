@@ -190,3 +190,30 @@ def test_unknown_model_args_are_refused(converted_fixture):
     assert model_manifest().model_id == "af2"
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['temperature'\]"):
         AudioFlamingo2LmmsEval(pretrained=str(converted_fixture.repo), device="cpu", temperature="0.7")
+
+
+def test_fast_and_quantization_model_args_load_as_the_commands_do(converted_fixture):
+    """`fast` and `quantization` in --model_args go through the commands' `model_loading_options`: `fast=true` takes
+    this device's `--fast` dtype, `quantization=int8` quantizes the language model's linears and keeps the audio
+    side plain, and a wrong value is refused naming it."""
+    import importlib.util
+
+    import torch
+
+    from transformers_af2.lmms_eval_af2 import AudioFlamingo2LmmsEval
+    from transformers_af2.presets import fast_settings
+
+    fast = AudioFlamingo2LmmsEval(pretrained=str(converted_fixture.repo), device="cpu", fast="true")
+    assert fast.model.dtype == getattr(torch, fast_settings("cpu").dtype)
+    with pytest.raises(ValueError, match=r"fast='maybe'; write fast=true or fast=false"):
+        AudioFlamingo2LmmsEval(pretrained=str(converted_fixture.repo), device="cpu", fast="maybe")
+    with pytest.raises(ValueError, match=r"--quantization 'int3' is not supported"):
+        AudioFlamingo2LmmsEval(pretrained=str(converted_fixture.repo), device="cpu", quantization="int3")
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao is not installed")
+    quantized = AudioFlamingo2LmmsEval(pretrained=str(converted_fixture.repo), device="cpu", quantization="int8")
+    inner = quantized.model.model
+    layer = inner.language_model.layers[0]
+    assert type(layer.self_attn.q_proj.weight) is not torch.nn.Parameter  # a torchao tensor: quantized
+    tower_linears = [m for m in inner.audio_tower.modules() if isinstance(m, torch.nn.Linear)]
+    assert tower_linears and all(type(m.weight) is torch.nn.Parameter for m in tower_linears)

@@ -56,6 +56,10 @@ class AudioFlamingo2LmmsEval(lmms):
         pretrained: a converted repository, or an original-layout hub id or directory (converted on first use).
         device: "auto" (GPU when present), "cpu", "cuda", "cuda:1", ...
         dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16".
+        fast: true for `af2 --fast`'s settings (with dtype auto: the dtype measured to keep the answers on this kind
+            of device, and on CPU the linear kernels measured on the machine; `transformers_af2.presets`).
+        quantization: `af2 --quantization`'s schemes (int8, int4, bnb-8bit, bnb-4bit): weight-only quantization of
+            the language model at load; the audio side stays in dtype.
         batch_size: requests per `generate` call.
         max_new_tokens: default when the task sets none (256, as the original evaluation).
         max_batch_size: lmms-eval's `--max_batch_size`, accepted and unused (batches are `batch_size`).
@@ -69,20 +73,25 @@ class AudioFlamingo2LmmsEval(lmms):
         batch_size: int | str = 1,
         max_new_tokens: int | str = GENERATION_SETTINGS["max_new_tokens"],
         max_batch_size: int | str | None = None,
+        fast: bool | str = False,
+        quantization: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
         if kwargs:
             raise ValueError(
                 f"--model_args: unknown argument(s) {sorted(kwargs)} for af2; it takes pretrained, device, dtype, "
-                "batch_size, max_new_tokens."
+                "fast, quantization, batch_size, max_new_tokens."
             )
-        from .loading import load_model_and_processor, resolve_device
-        from .utils import parse_dtype
+        from .loading import load_model_and_processor, model_loading_options, resolve_device
 
+        if isinstance(fast, str):  # lmms-eval passes True/False as booleans, other spellings as text
+            if fast.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"--model_args: fast={fast!r}; write fast=true or fast=false.")
+            fast = fast.lower() in ("true", "1", "yes")
         self._device = resolve_device(device)
         self.model, self.processor = load_model_and_processor(
-            pretrained, device=self._device, dtype=parse_dtype(dtype, self._device)
+            pretrained, device=self._device, **model_loading_options(self._device, dtype, bool(fast), quantization)
         )
         try:
             self.batch_size_per_call = int(batch_size)
