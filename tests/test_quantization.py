@@ -3,6 +3,7 @@ a saved tiny model quantize the language model's linears only, generate, stay cl
 the library can; bad names and missing libraries are refused naming the option."""
 
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -65,6 +66,20 @@ def _quantized(linear: nn.Linear) -> bool:
 def test_unknown_name_is_refused_naming_the_option():
     with pytest.raises(ValueError, match=r"--quantization 'int3' is not supported; use one of int8, int4"):
         quantization_config("int3")
+
+
+def test_int8_on_cpu_says_it_saves_memory_not_time(caplog):
+    """torchao's eager int8 dequantizes per call (benchmarks/README.md: af2-3b decodes 2.9x slower than float32), so
+    choosing it on CPU says so and names the faster options; on a GPU nothing is said."""
+    if not _available("int8"):
+        pytest.skip("torchao is not installed")
+    with caplog.at_level(logging.WARNING, logger="transformers_af2.quantization"):
+        quantization_config("int8", device="cuda")
+        assert not caplog.records
+        quantization_config("int8")
+    (record,) = caplog.records
+    assert record.getMessage().startswith("--quantization int8 on CPU saves memory, not time")
+    assert "--fast, or --quantization int4" in record.getMessage()
 
 
 @pytest.mark.parametrize("name", QUANTIZATION_NAMES)

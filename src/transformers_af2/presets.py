@@ -5,7 +5,7 @@
 | device | dtype | CPU linear kernels | why |
 |---|---|---|---|
 | CUDA | bfloat16 | - | the GPU's native precision |
-| CPU with native bf16 dot products (`avx512_bf16` or AMX) | bfloat16 | measured on the machine (`"auto"`) | bf16 tower 1.6x (EPYC) to 2.35x (Xeon AMX) faster; 97.5-100% of fp32's tokens |
+| CPU with native bf16 dot products (`avx512_bf16` or AMX) | bfloat16 | measured on the machine (`"auto"`) | bf16 tower 1.6x (EPYC) to 2.35x (Xeon AMX) faster; 97.5-100% of fp32's tokens on af2-0.5b (on a random af2-3b, 75%: near-tied logits, every decisive position kept) |
 | other CPUs | float32 | measured on the machine (`"auto"`) | bf16 is emulated there (slower than float32) |
 
 Weight-only int4/int8 (`--quantization`) are not part of it: on the benchmarks' random-weight models their greedy

@@ -172,6 +172,12 @@ def quantization_config(name: str, device=None, dtype=None, group_size: int = 12
     if name == "int8":
         from torchao.quantization import Int8WeightOnlyConfig
 
+        if device_type == "cpu":
+            logging.getLogger(__name__).warning(
+                "--quantization int8 on CPU saves memory, not time: torchao dequantizes each int8 weight at every "
+                "call in eager mode, so decoding is no faster than bfloat16 and, for weights larger than the CPU's "
+                "cache, slower than float32 (benchmarks/README.md). For speed: --fast, or --quantization int4."
+            )
         return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip)
     if device_type == "cpu":
         if not int4_cpu_kernel_available():
