@@ -16,7 +16,8 @@ for 4). So the kernels are a choice per shape class (`LinearKernels`), made for 
 
 `FastCPULinear` is the earlier form of the same kernels as a layer class of its own, kept for code that builds it;
 `enable_fast_cpu_linears` changes no layer's class (it is `use_linear_kernels(model, FAST_KERNELS)`).
-`benchmarks/kernel_choice.py` measures the choice; `benchmarks/benchmark.py` (item `linears`) also compares `torch.compile` with weight freezing (tower 1.24x on the Xeon, after a 61 s compile).
+`benchmarks/kernel_choice.py` measures the choice; `benchmarks/benchmark.py` (item `linears`) also compares
+`torch.compile` with weight freezing (tower 1.24x on the Xeon, after a 61 s compile).
 """
 
 from __future__ import annotations
