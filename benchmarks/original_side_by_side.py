@@ -483,6 +483,9 @@ def side_by_side(args, work_dir: Path) -> dict:
                                      config.text_config.eos_token_id)  # fmt: skip
     lm_config = write_lm_config(work_dir / "base_lm", config.text_config)
     setup = original_setup(config, checkpoint, tokenizer, lm_config)
+    # The checkpoint just written (19 GB for af2-3b) is still being flushed to disk: wait for it, so that the
+    # writeback does not run during the first side's timed runs.
+    os.sync()
     # The original's copy was written in float32 above; only this package's side changes precision.
     model = model.to(getattr(torch, args.dtype))
     if args.linears == "fast":
