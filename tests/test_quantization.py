@@ -68,18 +68,85 @@ def test_unknown_name_is_refused_naming_the_option():
         quantization_config("int3")
 
 
-def test_int8_on_cpu_says_it_saves_memory_not_time(caplog):
-    """torchao's eager int8 dequantizes per call (benchmarks/README.md: af2-3b decodes 2.9x slower than float32), so
-    choosing it on CPU says so and names the faster options; on a GPU nothing is said."""
+def test_int8_on_cpu_without_bfloat16_says_it_saves_memory_not_time(caplog):
+    """Without bfloat16 activations torchao's eager int8 converts each weight per call (benchmarks/README.md: af2-3b
+    decodes 2.9x slower than float32), so choosing it on CPU says so and names the setting that is fast; with bfloat16
+    activations (PyTorch's int8 kernel) and on a GPU nothing is said."""
     if not _available("int8"):
         pytest.skip("torchao is not installed")
     with caplog.at_level(logging.WARNING, logger="transformers_af2.quantization"):
         quantization_config("int8", device="cuda")
+        quantization_config("int8", dtype=torch.bfloat16)
         assert not caplog.records
-        quantization_config("int8")
+        quantization_config("int8", dtype=torch.float32)
     (record,) = caplog.records
-    assert record.getMessage().startswith("--quantization int8 on CPU saves memory, not time")
-    assert "--fast, or --quantization int4" in record.getMessage()
+    assert record.getMessage().startswith("--quantization int8 on CPU without --dtype bfloat16 saves memory, not time")
+    assert "With --dtype bfloat16, decoding steps take PyTorch's int8 kernel" in record.getMessage()
+
+
+def _int8_kernel_calls(model, **inputs) -> int:
+    """How many times a forward of `model` called PyTorch's int8 weight-only kernel."""
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        model(**inputs)
+    return sum(event.count for event in profile.key_averages() if event.key == "aten::_weight_int8pack_mm")
+
+
+@_needs("int8")
+def test_int8_bfloat16_decoding_steps_take_pytorchs_int8_kernel(saved):
+    """A bfloat16 int8 model (loaded through `from_pretrained`) routes every quantized layer through
+    `int8_weight_only_product`, keeping the class: a decoding step (1 row) calls `aten._weight_int8pack_mm` once per
+    quantized layer, a prompt of more than `INT8_KERNEL_MAX_ROWS` rows never (torchao's own path), and the routed
+    products are closer to the exact product of the int8 weights than torchao's (no rounding before the scale)."""
+    from transformers_af2.quantization import INT8_KERNEL_MAX_ROWS, int8_weight_only_product
+
+    root, _, inputs = saved
+    model = _load(root, "int8", dtype=torch.bfloat16)
+    layers = model.model.language_model.layers
+    gated_blocks = sum(layer.cross_attn is not None for layer in layers)
+    quantized = [m for m in model.modules() if isinstance(m, nn.Linear) and _quantized(m)]
+    # Per decoder layer q, k, v, o, gate, up, down; per gated block q, o, ff_up, ff_down.
+    assert gated_blocks and len(quantized) == 7 * len(layers) + 4 * gated_blocks
+    for module in quantized:
+        assert type(module) is nn.Linear and module.forward.func is int8_weight_only_product
+
+    step = torch.tensor([[5]])
+    assert _int8_kernel_calls(model, input_ids=step) == 7 * len(layers)  # no audio: the gated blocks do not run
+    long_prompt = torch.full((1, INT8_KERNEL_MAX_ROWS + 1), 5)
+    assert _int8_kernel_calls(model, input_ids=long_prompt) == 0
+
+    module = quantized[0]
+    rows = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    exact = rows.double() @ (module.weight.qdata.double() * module.weight.scale.double()).t()
+    routed, torchao = module(rows), nn.functional.linear(rows, module.weight)
+
+    def error(got):
+        return ((got.double() - exact).abs().max() / exact.abs().max()).item()
+
+    assert error(routed) <= error(torchao) and error(routed) < 2**-8, (error(routed), error(torchao))
+
+
+@_needs("int8")
+def test_int8_kernel_leaves_what_it_cannot_take_to_torchao():
+    """Input widths that are not a multiple of `INT8_KERNEL_WIDTH_MULTIPLE` (the kernel crashes the process on some),
+    inputs that need gradients and float32 or float16 activations stay on torchao's path, with its results."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from transformers_af2.quantization import use_int8_cpu_kernel
+
+    generator = torch.Generator().manual_seed(0)
+    layers = nn.Sequential(nn.Linear(100, 64, bias=True), nn.Linear(64, 32, bias=True)).bfloat16()
+    quantize_(layers, Int8WeightOnlyConfig())
+    assert use_int8_cpu_kernel(layers) == 1 and "forward" not in vars(layers[0]) and "forward" in vars(layers[1])
+    narrow = torch.randn(2, 100, generator=generator).bfloat16()
+    assert torch.equal(layers[0](narrow), nn.functional.linear(narrow, layers[0].weight, layers[0].bias))
+
+    wide = torch.randn(2, 64, generator=generator).bfloat16()
+    routed = layers[1](wide)
+    assert torch.allclose(routed, nn.functional.linear(wide, layers[1].weight, layers[1].bias), rtol=0.02, atol=0.02)
+    needs_grad = wide.clone().requires_grad_()
+    assert torch.equal(layers[1](needs_grad), nn.functional.linear(needs_grad, layers[1].weight, layers[1].bias))
+    assert _int8_kernel_calls(layers[1], input=wide.float()) == 0
+    assert _int8_kernel_calls(layers[1], input=wide.half()) == 0
 
 
 @pytest.mark.parametrize("name", QUANTIZATION_NAMES)
@@ -132,10 +199,11 @@ def test_quantized_checkpoint_saves_and_reloads_quantized(saved, name, tmp_path)
     assert _generate(reloaded, inputs).tolist() == answer.tolist()
 
 
-@pytest.mark.parametrize("name", ["int8", "bnb-8bit"])
-def test_generate_command_takes_quantization(converted_fixture, capsys, name):
+@pytest.mark.parametrize("name, dtype", [("int8", "float32"), ("int8", "bfloat16"), ("bnb-8bit", "float32")])
+def test_generate_command_takes_quantization(converted_fixture, capsys, name, dtype):
     """`af2 generate --quantization int8|bnb-8bit` on the parity fixture answers the float32 greedy ids of its first
-    sample (whose smallest greedy logit margin, 0.42, is far above 8-bit rounding)."""
+    sample (whose smallest greedy logit margin, 0.42, is far above 8-bit rounding); in bfloat16 the int8 decoding
+    steps take PyTorch's int8 kernel."""
     import json
 
     if not _available(name):
@@ -144,9 +212,12 @@ def test_generate_command_takes_quantization(converted_fixture, capsys, name):
     argv = [
         "generate", "--model", str(fixture.repo), "--audio", str(fixture.wav(0)), "--prompt",
         fixture.reference["prompts"][0], "--greedy", "--max-new-tokens", str(fixture.reference["max_new_tokens"]),
-        "--device", "cpu", "--quantization", name, "--json",
+        "--device", "cpu", "--quantization", name, "--dtype", dtype, "--json",
     ]  # fmt: skip
-    assert main(argv) == 0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        assert main(argv) == 0
+    int8_kernel_calls = sum(e.count for e in profile.key_averages() if e.key == "aten::_weight_int8pack_mm")
+    assert (int8_kernel_calls > 0) is ((name, dtype) == ("int8", "bfloat16")), int8_kernel_calls
     tokens = json.loads(capsys.readouterr().out)[0]["tokens"]
     prompt_length = fixture.ids("s0.prompt_ids").shape[1]
     assert tokens == fixture.ids("s0.greedy_ids")[0, prompt_length:].tolist()

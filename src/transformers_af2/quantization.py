@@ -7,7 +7,7 @@ Weight-only quantized AF2 through transformers' own quantizers: one name per sch
 
 | name | library | weights | kernel on CPU |
 |---|---|---|---|
-| `int8` | torchao `Int8WeightOnlyConfig` (per output channel) | 1 byte | dequantizes the weight per call in eager mode; fast under `torch.compile` |
+| `int8` | torchao `Int8WeightOnlyConfig` (per output channel) | 1 byte | bfloat16 decoding steps: `aten._weight_int8pack_mm` (`use_int8_cpu_kernel`); else torchao's, which converts the weight per call |
 | `int4` | torchao: on CPU its CPU layout (`PrototypeInt4WeightOnlyConfig`), on GPU `Int4WeightOnlyConfig` (tinygemm layout); groups of `group_size` | 0.5 byte | `aten._weight_int4pack_mm_for_cpu` |
 | `bnb-8bit` | bitsandbytes LLM.int8 | 1 byte | bitsandbytes' CPU backend |
 | `bnb-4bit` | bitsandbytes NF4, compute in the model's dtype | 0.5 byte | bitsandbytes' CPU backend |
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 
 QUANTIZATION_NAMES = ("int8", "int4", "bnb-8bit", "bnb-4bit")
 
@@ -136,6 +137,86 @@ def int4_cpu_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
+# torchao's int8 weight-only product in eager mode converts the whole int8 weight to the activations' dtype at every call
+# and multiplies that copy: a decoding step writes and reads each weight again at 2-4 bytes per value. PyTorch's own
+# CPU kernel `aten._weight_int8pack_mm` reads the int8 weight once. Measured on a 2-core AMD EPYC (bfloat16
+# activations; af2-3b's 11008 x 2048 and 8192 x 2048 matrices): 12-24x faster for 1 row, 3x for 16, even at 64 and
+# 2x slower at 256 rows. With float32 or float16 activations its kernel is faster for 1-2 rows only, and then still
+# slower than unquantized float32. Hence: bfloat16 activations and up to `INT8_KERNEL_MAX_ROWS` rows (decoding steps,
+# short prompts) take it; everything else stays on torchao's path (`benchmarks/README.md`, "int8 on CPU").
+INT8_KERNEL_MAX_ROWS = 16
+# The kernel reads the input row in fixed-width vectors and crashes the process (segmentation fault, torch 2.13) for
+# an input width that is not a multiple of 16; layers of other widths keep torchao's path.
+INT8_KERNEL_WIDTH_MULTIPLE = 64
+
+
+def _takes_int8_kernel(module) -> bool:
+    """Whether `module` is a plain `nn.Linear` whose weight is torchao's int8 weight-only, per-output-row `Int8Tensor`
+    of a width the kernel takes."""
+    torchao = sys.modules.get("torchao.quantization")
+    if torchao is None or not hasattr(torchao, "Int8Tensor"):
+        return False
+    from torch import nn
+
+    weight = getattr(module, "weight", None)
+    return (
+        type(module) is nn.Linear
+        and isinstance(weight, torchao.Int8Tensor)
+        and weight.qdata.dim() == 2
+        and weight.qdata.is_contiguous()
+        and list(weight.block_size) == [1, module.in_features]
+        and weight.scale.numel() == module.out_features
+        and module.in_features % INT8_KERNEL_WIDTH_MULTIPLE == 0
+        # Weight-only and symmetric: no activation quantization or pre-scaling, zero points absent or all zero.
+        and all(getattr(weight, name, None) is None for name in ("act_quant_kwargs", "act_pre_scale"))
+        and (weight.zero_point is None or not bool(weight.zero_point.any()))
+    )
+
+
+def int8_weight_only_product(module, input):
+    """
+    `module(input)` for an `nn.Linear` whose weight is torchao's int8 weight-only tensor (`_takes_int8_kernel`): on CPU,
+    1 to `INT8_KERNEL_MAX_ROWS` rows of bfloat16 activations without autograd take `aten._weight_int8pack_mm`
+    (float32 accumulation, the row scales applied once: within bfloat16 rounding of torchao's result, which rounds the
+    product before scaling); anything else takes torchao's own path.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    rows = input.shape[:-1].numel()
+    if (
+        input.device.type == "cpu"
+        and input.dtype == torch.bfloat16
+        and 1 <= rows <= INT8_KERNEL_MAX_ROWS
+        and not (torch.is_grad_enabled() and input.requires_grad)
+        and not torch.compiler.is_compiling()  # inductor rewrites torchao's pattern into this kernel by itself
+    ):
+        weight = module.weight
+        flat = input.reshape(rows, module.in_features).contiguous()
+        output = torch.ops.aten._weight_int8pack_mm(flat, weight.qdata, weight.scale.reshape(-1).to(input.dtype))
+        if module.bias is not None:
+            output = output + module.bias
+        return output.reshape(*input.shape[:-1], module.out_features)
+    return F.linear(input, module.weight, module.bias)
+
+
+def use_int8_cpu_kernel(model) -> int:
+    """
+    Routes the forward of every layer of `model` that holds torchao int8 weight-only weights (`--quantization int8`,
+    `quantization_config("int8")`, or a saved int8 checkpoint) through `int8_weight_only_product`, per instance: the
+    layers keep their class, weights and state-dict names. `AudioFlamingo2ForConditionalGeneration.from_pretrained`
+    calls it; call it after quantizing a model yourself (`torchao.quantize_`). Returns how many layers it routed.
+    """
+    import functools
+
+    count = 0
+    for module in model.modules():
+        if _takes_int8_kernel(module):
+            module.forward = functools.partial(int8_weight_only_product, module)
+            count += 1
+    return count
+
+
 def quantization_config(name: str, device=None, dtype=None, group_size: int = 128):
     """
     The transformers quantization config of scheme `name` (one of `QUANTIZATION_NAMES`) for a model that will run on
@@ -172,11 +253,12 @@ def quantization_config(name: str, device=None, dtype=None, group_size: int = 12
     if name == "int8":
         from torchao.quantization import Int8WeightOnlyConfig
 
-        if device_type == "cpu":
+        if device_type == "cpu" and dtype != torch.bfloat16:
             logging.getLogger(__name__).warning(
-                "--quantization int8 on CPU saves memory, not time: torchao dequantizes each int8 weight at every "
-                "call in eager mode, so decoding is no faster than bfloat16 and, for weights larger than the CPU's "
-                "cache, slower than float32 (benchmarks/README.md). For speed: --fast, or --quantization int4."
+                "--quantization int8 on CPU without --dtype bfloat16 saves memory, not time: torchao converts each "
+                "int8 weight at every call, so for weights larger than the CPU's cache decoding is slower than "
+                "float32 (benchmarks/README.md). With --dtype bfloat16, decoding steps take PyTorch's int8 kernel, "
+                "which reads each weight once."
             )
         return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip)
     if device_type == "cpu":
@@ -209,7 +291,9 @@ __all__ = [
     "UNQUANTIZED_MODULES",
     "QuantizationUnavailableError",
     "int4_cpu_kernel_available",
+    "int8_weight_only_product",
     "quantization_config",
     "quiet_expected_torchao_extension_failures",
     "quiet_repeated_bitsandbytes_notices",
+    "use_int8_cpu_kernel",
 ]

@@ -38,6 +38,7 @@ from transformers.utils import can_return_tuple, logging
 
 from ..compat import CACHE_KWARG, LOADING_DEFAULTS, pop_cache
 from ..generation_utils import honour_max_length, with_non_finite_check
+from ..quantization import use_int8_cpu_kernel
 from ..utils import non_finite_tensors
 from .configuration_audioflamingo2 import AudioFlamingo2Config
 
@@ -454,7 +455,10 @@ class AudioFlamingo2PreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         # No hub kernels unless asked for: see `transformers_af2.compat.LOADING_DEFAULTS`.
         kwargs = {**LOADING_DEFAULTS, **kwargs}
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # torchao int8 weight-only layers (quantized now or saved so): PyTorch's int8 kernel for CPU decoding steps.
+        use_int8_cpu_kernel(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
 
 
 def init_audioflamingo2_module(module: nn.Module) -> None:
