@@ -58,7 +58,7 @@ from quantization_benchmark import (
 )
 from shapes import audio_features, bare_language_model, build_random_model, prompts
 
-from transformers_af2.quantization import quantization_config
+from transformers_af2.quantization import quantization_config, use_int8_cpu_kernel
 from transformers_af2.utils import parse_dtype
 
 RESULTS = Path(__file__).resolve().with_name("results")
@@ -84,7 +84,8 @@ def missing_library(scheme: str | None) -> str | None:
 
 def bare_lm_floor(timer, args, config, dtype, scheme) -> dict:
     """Decode step of the bare Qwen2 LM of `config` in `dtype`, its linears quantized like the variant's (torchao
-    schemes; the tied head excepted, as in AF2)."""
+    schemes; the tied head excepted, as in AF2) and, for int8, taking the same CPU kernel (`use_int8_cpu_kernel`,
+    which AF2's `from_pretrained` applies)."""
     lm = bare_language_model(config, dtype, torch.device("cpu"))
     quantized = False
     if scheme and LIBRARY[scheme] == "torchao":
@@ -95,6 +96,7 @@ def bare_lm_floor(timer, args, config, dtype, scheme) -> dict:
             quantization_config(scheme, dtype=dtype).quant_type,
             filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and name != "lm_head",
         )
+        use_int8_cpu_kernel(lm)
         quantized = True
     ids, mask = prompts([PROMPT_TOKENS], config, torch.device("cpu"))
     with torch.inference_mode():
@@ -351,8 +353,8 @@ def main(argv=None) -> int:
             # Each finished shape is on disk before the next starts: a crash in af2-3b (a full disk, the OOM killer)
             # keeps af2-0.5b's rows.
             results["seconds"] = time.perf_counter() - started
-            write_results(args, results)
-    print(write_results(args, results))
+            markdown = write_results(args, results)
+    print(markdown)
     failed = [
         f"{shape} {name}"
         for shape, e in results["shapes"].items()

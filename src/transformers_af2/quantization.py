@@ -167,8 +167,10 @@ def _takes_int8_kernel(module) -> bool:
         and list(weight.block_size) == [1, module.in_features]
         and weight.scale.numel() == module.out_features
         and module.in_features % INT8_KERNEL_WIDTH_MULTIPLE == 0
-        # Weight-only and symmetric: no activation quantization or pre-scaling, zero points absent or all zero.
+        # Weight-only and symmetric: no activation quantization or pre-scaling, zero points absent or all zero (read
+        # once here; weights offloaded to the meta device have no values to read and keep torchao's path).
         and all(getattr(weight, name, None) is None for name in ("act_quant_kwargs", "act_pre_scale"))
+        and weight.qdata.device.type != "meta"
         and (weight.zero_point is None or not bool(weight.zero_point.any()))
     )
 

@@ -45,6 +45,9 @@ from .stages import (
 logger = logging.get_logger(__name__)
 
 WEIGHT_DECAY_SCOPES = ("cross_attention", "default")
+# What every parameter of a gated cross-attention block has in its name: the weight-decay scope selects these, and a
+# model without any is refused that scope.
+CROSS_ATTENTION_PARAMETER = ".cross_attn."
 
 
 class AudioFlamingo2Trainer(Trainer):
@@ -78,7 +81,7 @@ class AudioFlamingo2Trainer(Trainer):
         if (
             weight_decay_scope == "cross_attention"
             and self.args.weight_decay
-            and not any(".cross_attn." in name for name, _ in self.model.named_parameters())
+            and not any(CROSS_ATTENTION_PARAMETER in name for name, _ in self.model.named_parameters())
         ):
             # Else the decay would silently apply to nothing (an AF3 / Music Flamingo model, or an adapter on one).
             raise ValueError(
@@ -153,7 +156,7 @@ class AudioFlamingo2Trainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         names = super().get_decay_parameter_names(model)
         if self.weight_decay_scope == "cross_attention":
-            names = [name for name in names if ".cross_attn." in name]
+            names = [name for name in names if CROSS_ATTENTION_PARAMETER in name]
         if self.embedding_rows is not None:
             # Weight decay would move the frozen rows of a row-restricted matrix.
             names = [name for name in names if name != self.embedding_parameter_name]
