@@ -148,6 +148,69 @@ def test_int8_kernel_leaves_what_it_cannot_take_to_torchao():
     assert _int8_kernel_calls(layers[1], input=wide.float()) == 0
     assert _int8_kernel_calls(layers[1], input=wide.half()) == 0
 
+    # A float32 bias with bfloat16 activations: the output keeps the activations' dtype, as torchao's does.
+    layers[1].bias.data = layers[1].bias.data.float()
+    assert (
+        layers[1](wide).dtype == nn.functional.linear(wide, layers[1].weight, layers[1].bias).dtype == torch.bfloat16
+    )
+    # A weight replaced after routing (no longer int8): the layer computes with what it holds now.
+    layers[1].bias.data = layers[1].bias.data.bfloat16()
+    plain = torch.randn(32, 64, generator=generator).bfloat16()
+    layers[1].weight = nn.Parameter(plain, requires_grad=False)
+    assert torch.equal(layers[1](wide), nn.functional.linear(wide, plain, layers[1].bias))
+
+
+_MISALIGNED_INPUT = """
+import torch
+from torch import nn
+from torchao.quantization import Int8WeightOnlyConfig, quantize_
+from transformers_af2.quantization import use_int8_cpu_kernel
+
+layer = nn.Sequential(nn.Linear(64, 32, bias=False)).bfloat16()
+quantize_(layer, Int8WeightOnlyConfig())
+assert use_int8_cpu_kernel(layer) == 1
+wider = torch.randn(2, 1, 200, generator=torch.Generator().manual_seed(0)).bfloat16()
+for start in (0, 1, 8, 16, 24, 40):
+    view = wider[:1, :, start : start + 64]  # contiguous, starting 2 * start bytes into the tensor
+    expected = nn.functional.linear(view, layer[0].weight)
+    assert torch.allclose(layer(view), expected, rtol=0.02, atol=0.02), start
+print("ok")
+"""
+
+
+@_needs("int8")
+def test_int8_kernel_takes_inputs_at_any_address():
+    """PyTorch's kernel reads rows with aligned vector loads and crashes the process on an input that starts off a
+    32-byte boundary, which a contiguous view into a wider tensor does: the routed product copies such an input. In a
+    subprocess, so that a crash fails this test instead of ending the run."""
+    import subprocess
+    import sys
+
+    completed = subprocess.run([sys.executable, "-c", _MISALIGNED_INPUT], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0 and completed.stdout.strip() == "ok", (
+        completed.returncode,
+        completed.stderr[-2000:],
+    )
+
+
+@_needs("int8")
+def test_int8_checkpoint_reloaded_in_bfloat16_takes_the_kernel(saved, tmp_path):
+    """A saved int8 checkpoint reloads with its int8 weights mapped from the file at unaligned offsets: routing copies
+    them once to aligned memory (the kernel needs it), and the reloaded model answers as the one that was saved."""
+    from transformers_af2.quantization import INT8_KERNEL_ALIGNMENT
+
+    root, _, inputs = saved
+    model = _load(root, "int8", dtype=torch.bfloat16)
+    inputs = dict(inputs, input_features=inputs["input_features"].bfloat16())
+    answer = _generate(model, inputs)
+    model.save_pretrained(tmp_path / "int8")
+    reloaded = AudioFlamingo2ForConditionalGeneration.from_pretrained(tmp_path / "int8", dtype=torch.bfloat16)
+    routed = [m for m in reloaded.modules() if "forward" in vars(m)]
+    assert routed and len(routed) == sum(1 for m in model.modules() if "forward" in vars(m))
+    assert all(m.weight.qdata.data_ptr() % INT8_KERNEL_ALIGNMENT == 0 for m in routed)
+    assert _int8_kernel_calls(reloaded, input_ids=torch.tensor([[5]])) > 0
+    assert _generate(reloaded, inputs).tolist() == answer.tolist()
+
 
 @pytest.mark.parametrize("name", QUANTIZATION_NAMES)
 def test_missing_library_is_refused_naming_the_extra(name):

@@ -145,23 +145,39 @@ def int4_cpu_kernel_available() -> bool:
 # slower than unquantized float32. Hence: bfloat16 activations and up to `INT8_KERNEL_MAX_ROWS` rows (decoding steps,
 # short prompts) take it; everything else stays on torchao's path (`benchmarks/README.md`, "int8 on CPU").
 INT8_KERNEL_MAX_ROWS = 16
-# The kernel reads the input row in fixed-width vectors and crashes the process (segmentation fault, torch 2.13) for
-# an input width that is not a multiple of 16; layers of other widths keep torchao's path.
+# The kernel reads the input and weight rows with aligned vector loads (x86: 16 bfloat16 values / 16 int8 values at a
+# time, on 32- and 16-byte boundaries) and checks neither: a row that does not start on such a boundary crashes the
+# process (segmentation fault, torch 2.13). Every row does when the tensor starts on a 64-byte boundary (PyTorch's CPU
+# allocator's) and the width is a multiple of 16: inputs that do not start there are copied (at most 16 rows), int8
+# weights once when the layer is routed (a reloaded checkpoint's are mapped from the file at any offset), and layers
+# whose width is not a multiple of `INT8_KERNEL_WIDTH_MULTIPLE` keep torchao's path.
 INT8_KERNEL_WIDTH_MULTIPLE = 64
+INT8_KERNEL_ALIGNMENT = 64
+
+
+def _int8_tensor_class():
+    """torchao's `Int8Tensor` if torchao has been imported (transformers imports it for a torchao quantized model),
+    else None: nothing to route, and no import of torchao for that."""
+    torchao = sys.modules.get("torchao.quantization")
+    return getattr(torchao, "Int8Tensor", None)
+
+
+def _aligned(tensor) -> bool:
+    return tensor.data_ptr() % INT8_KERNEL_ALIGNMENT == 0
 
 
 def _takes_int8_kernel(module) -> bool:
     """Whether `module` is a plain `nn.Linear` whose weight is torchao's int8 weight-only, per-output-row `Int8Tensor`
     of a width the kernel takes."""
-    torchao = sys.modules.get("torchao.quantization")
-    if torchao is None or not hasattr(torchao, "Int8Tensor"):
+    int8_tensor = _int8_tensor_class()
+    if int8_tensor is None:
         return False
     from torch import nn
 
     weight = getattr(module, "weight", None)
     return (
         type(module) is nn.Linear
-        and isinstance(weight, torchao.Int8Tensor)
+        and isinstance(weight, int8_tensor)
         and weight.qdata.dim() == 2
         and weight.qdata.is_contiguous()
         and list(weight.block_size) == [1, module.in_features]
@@ -180,11 +196,15 @@ def int8_weight_only_product(module, input):
     `module(input)` for an `nn.Linear` whose weight is torchao's int8 weight-only tensor (`_takes_int8_kernel`): on CPU,
     1 to `INT8_KERNEL_MAX_ROWS` rows of bfloat16 activations without autograd take `aten._weight_int8pack_mm`
     (float32 accumulation, the row scales applied once: within bfloat16 rounding of torchao's result, which rounds the
-    product before scaling); anything else takes torchao's own path.
+    product before scaling); anything else takes torchao's own path. The output has the input's dtype, as torchao's.
+
+    Under reentrant activation checkpointing (`use_reentrant=True`) the forward runs without autograd and takes the
+    kernel while the recomputation takes torchao's path: the two differ by bfloat16 rounding.
     """
     import torch
     import torch.nn.functional as F
 
+    weight = module.weight
     rows = input.shape[:-1].numel()
     if (
         input.device.type == "cpu"
@@ -192,14 +212,17 @@ def int8_weight_only_product(module, input):
         and 1 <= rows <= INT8_KERNEL_MAX_ROWS
         and not (torch.is_grad_enabled() and input.requires_grad)
         and not torch.compiler.is_compiling()  # inductor rewrites torchao's pattern into this kernel by itself
+        and isinstance(weight, _int8_tensor_class() or ())  # still the weight that was routed
+        and _aligned(weight.qdata)
     ):
-        weight = module.weight
         flat = input.reshape(rows, module.in_features).contiguous()
+        if not _aligned(flat):  # a view into a larger tensor, e.g. a slice along the features
+            flat = flat.clone()
         output = torch.ops.aten._weight_int8pack_mm(flat, weight.qdata, weight.scale.reshape(-1).to(input.dtype))
         if module.bias is not None:
-            output = output + module.bias
+            output.add_(module.bias)  # in the input's dtype, as torchao's `y += bias`
         return output.reshape(*input.shape[:-1], module.out_features)
-    return F.linear(input, module.weight, module.bias)
+    return F.linear(input, weight, module.bias)
 
 
 def use_int8_cpu_kernel(model) -> int:
@@ -214,6 +237,9 @@ def use_int8_cpu_kernel(model) -> int:
     count = 0
     for module in model.modules():
         if _takes_int8_kernel(module):
+            weight = module.weight
+            if not _aligned(weight.qdata):
+                weight.qdata = weight.qdata.clone()  # same values, in memory from PyTorch's aligned allocator
             module.forward = functools.partial(int8_weight_only_product, module)
             count += 1
     return count
