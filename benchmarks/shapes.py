@@ -120,13 +120,17 @@ def weights_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> 
     return sum(p.numel() * (size or p.element_size()) for p in module.parameters())
 
 
-def build_config(shape: str):
-    return AudioFlamingo2Config(**copy.deepcopy(SHAPES[shape]))
+def build_config(shape: str, layers: int | None = None):
+    """The config of a named shape; `layers` replaces its language model's depth (the widths stay the shape's)."""
+    values = copy.deepcopy(SHAPES[shape])
+    if layers is not None:
+        values["text_config"]["num_hidden_layers"] = layers
+    return AudioFlamingo2Config(**values)
 
 
-def build_random_model(shape: str, dtype: torch.dtype, device: torch.device):
+def build_random_model(shape: str, dtype: torch.dtype, device: torch.device, layers: int | None = None):
     torch.manual_seed(0)
-    model = AudioFlamingo2ForConditionalGeneration(build_config(shape))
+    model = AudioFlamingo2ForConditionalGeneration(build_config(shape, layers))
     with torch.no_grad():
         # Non-zero gates, as in a trained model (timing does not depend on it, the outputs do).
         for layer in model.model.language_model.layers:
