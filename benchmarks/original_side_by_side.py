@@ -29,6 +29,9 @@ What happens:
 `--one-at-a-time` measures this package first, frees its model and then the original: for shapes whose two copies do
 not fit in memory together (af2-3b in fp32 needs about 19 GB per side); its ratios then do not share the machine's
 state run by run.
+`--quantization int8|int4|...` loads this package's side as `--quantization` does on the command line: the random
+model is saved (float32) and reloaded through `from_pretrained(quantization_config=...)` in `--dtype` (the original
+keeps float32); the ids are then compared, not expected equal.
 `--check-fixture DIR` instead runs the original on a parity fixture's `original/` checkpoint and compares its greedy
 ids and step logits with the fixture's `reference.safetensors`: proof that this setup runs the original faithfully.
 """
@@ -52,6 +55,7 @@ import numpy as np
 import torch
 from measurement import log, machine_description, write_json
 from original_af2_worker import timed_generation
+from quantization_benchmark import load_variant
 from shapes import SHAPES, build_config, build_random_model
 
 from transformers_af2 import AudioFlamingo2FeatureExtractor
@@ -62,6 +66,7 @@ from transformers_af2.modeling.cpu_linear import (
     enable_fast_cpu_linears,
     use_linear_kernels,
 )
+from transformers_af2.quantization import QUANTIZATION_NAMES
 
 WORKER = Path(__file__).resolve().parent / "original_af2_worker.py"
 TARGETS = {"prefill_s": 1.2, "decode_step_s": 2.5}  # speed-up over the original the issue asks for
@@ -86,6 +91,9 @@ def parse_args(argv=None):
                         help="this package's dtype (the original runs float32: its released config's amp_bf16 casts "
                              "nothing and its inference never enters autocast); bfloat16 with --linears auto is what "
                              "`--fast` picks on a CPU with native bfloat16")  # fmt: skip
+    parser.add_argument("--quantization", choices=QUANTIZATION_NAMES,
+                        help="this package's weight-only quantization, loaded through from_pretrained as the command "
+                             "line does (with --dtype bfloat16 for the CPU int8 kernel); the original stays float32")  # fmt: skip
     parser.add_argument("--one-at-a-time", action="store_true", help="one side in memory at a time (see above)")
     parser.add_argument("--work-dir", type=Path, help="where the checkpoint and audio go (default: a temporary one)")
     parser.add_argument("--check-fixture", type=Path, help="a parity fixture directory: check the original on it")
@@ -368,7 +376,9 @@ def format_table(results: dict) -> str:
         f"shape {results['shape']}, {results['threads']} threads, {results['machine']['cpu']} "
         f"({results['machine']['logical_cpus']} logical CPUs), "
         f"{'interleaved run by run' if results['interleaved'] else 'one side after the other'}; the original in "
-        f"float32, this package in {results.get('ours_dtype', 'float32')} with {results['linears']} linears",
+        f"float32, this package in {results.get('ours_dtype', 'float32')}"
+        f"{' + ' + results['ours_quantization'] if results.get('ours_quantization') else ''} with {results['linears']} "
+        "linears",
         "",
         "| measurement | original | this package | speed-up | target | others' cores (max, original / ours) |",
         "|---|---|---|---|---|---|",
@@ -487,7 +497,16 @@ def side_by_side(args, work_dir: Path) -> dict:
     # writeback does not run during the first side's timed runs.
     os.sync()
     # The original's copy was written in float32 above; only this package's side changes precision.
-    model = model.to(getattr(torch, args.dtype))
+    if args.quantization:
+        # As `--quantization` loads it: the float32 checkpoint through from_pretrained with the scheme's config.
+        model.save_pretrained(work_dir / "ours")
+        del model
+        gc.collect()
+        os.sync()
+        log(f"loading this package's side with --quantization {args.quantization} in {args.dtype}")
+        model, _ = load_variant(work_dir / "ours", args.dtype, args.quantization)
+    else:
+        model = model.to(getattr(torch, args.dtype))
     if args.linears == "fast":
         enable_fast_cpu_linears(model)
     linear_kernels = None
@@ -514,6 +533,7 @@ def side_by_side(args, work_dir: Path) -> dict:
         "repeats": args.repeats,
         "linears": args.linears,
         "ours_dtype": args.dtype,
+        "ours_quantization": args.quantization,
         "linear_kernels": linear_kernels,
         "machine": machine_description(),
         "ours_environment": {
@@ -577,10 +597,9 @@ def side_by_side(args, work_dir: Path) -> dict:
     if args.markdown_out:
         Path(args.markdown_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown_out).write_text(table + "\n")
-    if args.dtype != "float32":
-        log(
-            f"this package ran in {args.dtype} against the original's float32: the ids are compared, not expected equal"
-        )
+    if args.dtype != "float32" or args.quantization:
+        ours_as = args.dtype + (f" + {args.quantization}" if args.quantization else "")
+        log(f"this package ran in {ours_as} against the original's float32: the ids are compared, not expected equal")
     elif not all(entry["greedy_ids_identical"] for entry in agreed.values()):
         log("WARNING: the two implementations generated different ids: the timings do not compare the same work")
     return results
