@@ -39,6 +39,7 @@ ids and step logits with the fixture's `reference.safetensors`: proof that this 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -53,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from measurement import log, machine_description, write_json
+from measurement import current_rss_bytes, log, machine_description, write_json
 from original_af2_worker import timed_generation
 from quantization_benchmark import load_variant
 from shapes import SHAPES, build_config, build_random_model
@@ -169,6 +170,11 @@ class OursSide:
     def close(self) -> None:
         del self.model
         gc.collect()
+        # Freed tensors stay in this process's heap until glibc gives them back; with --one-at-a-time the original
+        # loads next and needs that memory (its af2-3b worker was killed for it after an int8 side).
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        log(f"this package's model freed: this process holds {current_rss_bytes() / 2**30:.1f} GiB")
 
 
 # ----------------------------------------------------------------------------------------------------------------
