@@ -12,11 +12,20 @@ from torch import nn
 
 from transformers_af2 import AudioFlamingo2ForConditionalGeneration
 from transformers_af2.commands import main
+from transformers_af2.modeling.cpu_linear import (
+    DEFAULT_KERNELS,
+    FAST_KERNELS,
+    linear_kernels_of,
+    routed_forward,
+    use_linear_kernels,
+)
 from transformers_af2.quantization import (
     QUANTIZATION_NAMES,
     SAVE_SUPPORTED,
     QuantizationUnavailableError,
+    int8_weight_only_product,
     quantization_config,
+    use_int8_cpu_kernel,
 )
 
 LIBRARY = {"int8": "torchao", "int4": "torchao", "bnb-8bit": "bitsandbytes", "bnb-4bit": "bitsandbytes"}
@@ -84,11 +93,16 @@ def test_int8_on_cpu_without_bfloat16_says_it_saves_memory_not_time(caplog):
     assert "With --dtype bfloat16, decoding steps take PyTorch's int8 kernel" in record.getMessage()
 
 
-def _int8_kernel_calls(model, **inputs) -> int:
-    """How many times a forward of `model` called PyTorch's int8 weight-only kernel."""
+def _int8_kernel_calls(call) -> tuple[object, int]:
+    """`call()`'s result, and how many times it called PyTorch's int8 weight-only kernel."""
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        model(**inputs)
-    return sum(event.count for event in profile.key_averages() if event.key == "aten::_weight_int8pack_mm")
+        result = call()
+    return result, sum(event.count for event in profile.key_averages() if event.key == "aten::_weight_int8pack_mm")
+
+
+def _int8_kernel_calls_of_forward(model, **inputs) -> int:
+    """How many times a forward of `model` called PyTorch's int8 weight-only kernel."""
+    return _int8_kernel_calls(lambda: model(**inputs))[1]
 
 
 @_needs("int8")
@@ -97,7 +111,7 @@ def test_int8_bfloat16_decoding_steps_take_pytorchs_int8_kernel(saved):
     `int8_weight_only_product`, keeping the class: a decoding step (1 row) calls `aten._weight_int8pack_mm` once per
     quantized layer, a prompt of more than `INT8_KERNEL_MAX_ROWS` rows never (torchao's own path), and the routed
     products are closer to the exact product of the int8 weights than torchao's (no rounding before the scale)."""
-    from transformers_af2.quantization import INT8_KERNEL_MAX_ROWS, int8_weight_only_product
+    from transformers_af2.quantization import INT8_KERNEL_MAX_ROWS
 
     root, _, inputs = saved
     model = _load(root, "int8", dtype=torch.bfloat16)
@@ -107,12 +121,22 @@ def test_int8_bfloat16_decoding_steps_take_pytorchs_int8_kernel(saved):
     # Per decoder layer q, k, v, o, gate, up, down; per gated block q, o, ff_up, ff_down.
     assert gated_blocks and len(quantized) == 7 * len(layers) + 4 * gated_blocks
     for module in quantized:
-        assert type(module) is nn.Linear and module.forward.func is int8_weight_only_product
+        assert type(module) is nn.Linear and routed_forward(module).func is int8_weight_only_product
+    # Routing the plain layers' kernels afterwards leaves the int8 layers on theirs, and the reverse.
+    plain = [m for m in model.modules() if type(m) is nn.Linear and type(m.weight) is nn.Parameter]
+    assert use_linear_kernels(model, FAST_KERNELS) == len(plain) > 0
+    assert all(routed_forward(m).func is int8_weight_only_product for m in quantized)
+    assert all(linear_kernels_of(m) == FAST_KERNELS for m in plain)
+    assert use_int8_cpu_kernel(model) == len(quantized)
+    assert all(linear_kernels_of(m) == FAST_KERNELS for m in plain)
+    use_linear_kernels(model, DEFAULT_KERNELS)
+    assert all(routed_forward(m) is None for m in plain)
 
     step = torch.tensor([[5]])
-    assert _int8_kernel_calls(model, input_ids=step) == 7 * len(layers)  # no audio: the gated blocks do not run
+    # No audio: the gated blocks do not run.
+    assert _int8_kernel_calls_of_forward(model, input_ids=step) == 7 * len(layers)
     long_prompt = torch.full((1, INT8_KERNEL_MAX_ROWS + 1), 5)
-    assert _int8_kernel_calls(model, input_ids=long_prompt) == 0
+    assert _int8_kernel_calls_of_forward(model, input_ids=long_prompt) == 0
 
     module = quantized[0]
     rows = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
@@ -131,12 +155,11 @@ def test_int8_kernel_leaves_what_it_cannot_take_to_torchao():
     inputs that need gradients and float32 or float16 activations stay on torchao's path, with its results."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    from transformers_af2.quantization import use_int8_cpu_kernel
-
     generator = torch.Generator().manual_seed(0)
     layers = nn.Sequential(nn.Linear(100, 64, bias=True), nn.Linear(64, 32, bias=True)).bfloat16()
     quantize_(layers, Int8WeightOnlyConfig())
-    assert use_int8_cpu_kernel(layers) == 1 and "forward" not in vars(layers[0]) and "forward" in vars(layers[1])
+    assert use_int8_cpu_kernel(layers) == 1
+    assert routed_forward(layers[0]) is None and routed_forward(layers[1]).func is int8_weight_only_product
     narrow = torch.randn(2, 100, generator=generator).bfloat16()
     assert torch.equal(layers[0](narrow), nn.functional.linear(narrow, layers[0].weight, layers[0].bias))
 
@@ -145,8 +168,8 @@ def test_int8_kernel_leaves_what_it_cannot_take_to_torchao():
     assert torch.allclose(routed, nn.functional.linear(wide, layers[1].weight, layers[1].bias), rtol=0.02, atol=0.02)
     needs_grad = wide.clone().requires_grad_()
     assert torch.equal(layers[1](needs_grad), nn.functional.linear(needs_grad, layers[1].weight, layers[1].bias))
-    assert _int8_kernel_calls(layers[1], input=wide.float()) == 0
-    assert _int8_kernel_calls(layers[1], input=wide.half()) == 0
+    assert _int8_kernel_calls_of_forward(layers[1], input=wide.float()) == 0
+    assert _int8_kernel_calls_of_forward(layers[1], input=wide.half()) == 0
 
     # A float32 bias with bfloat16 activations: the output keeps the activations' dtype, as torchao's does.
     layers[1].bias.data = layers[1].bias.data.float()
@@ -205,10 +228,10 @@ def test_int8_checkpoint_reloaded_in_bfloat16_takes_the_kernel(saved, tmp_path):
     answer = _generate(model, inputs)
     model.save_pretrained(tmp_path / "int8")
     reloaded = AudioFlamingo2ForConditionalGeneration.from_pretrained(tmp_path / "int8", dtype=torch.bfloat16)
-    routed = [m for m in reloaded.modules() if "forward" in vars(m)]
-    assert routed and len(routed) == sum(1 for m in model.modules() if "forward" in vars(m))
+    routed = [m for m in reloaded.modules() if routed_forward(m) is not None]
+    assert routed and len(routed) == sum(1 for m in model.modules() if routed_forward(m) is not None)
     assert all(m.weight.qdata.data_ptr() % INT8_KERNEL_ALIGNMENT == 0 for m in routed)
-    assert _int8_kernel_calls(reloaded, input_ids=torch.tensor([[5]])) > 0
+    assert _int8_kernel_calls_of_forward(reloaded, input_ids=torch.tensor([[5]])) > 0
     assert _generate(reloaded, inputs).tolist() == answer.tolist()
 
 
@@ -277,9 +300,8 @@ def test_generate_command_takes_quantization(converted_fixture, capsys, name, dt
         fixture.reference["prompts"][0], "--greedy", "--max-new-tokens", str(fixture.reference["max_new_tokens"]),
         "--device", "cpu", "--quantization", name, "--dtype", dtype, "--json",
     ]  # fmt: skip
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        assert main(argv) == 0
-    int8_kernel_calls = sum(e.count for e in profile.key_averages() if e.key == "aten::_weight_int8pack_mm")
+    exit_code, int8_kernel_calls = _int8_kernel_calls(lambda: main(argv))
+    assert exit_code == 0
     assert (int8_kernel_calls > 0) is ((name, dtype) == ("int8", "bfloat16")), int8_kernel_calls
     tokens = json.loads(capsys.readouterr().out)[0]["tokens"]
     prompt_length = fixture.ids("s0.prompt_ids").shape[1]

@@ -229,10 +229,10 @@ def use_int8_cpu_kernel(model) -> int:
     """
     Routes the forward of every layer of `model` that holds torchao int8 weight-only weights (`--quantization int8`,
     `quantization_config("int8")`, or a saved int8 checkpoint) through `int8_weight_only_product`, per instance: the
-    layers keep their class, weights and state-dict names. `AudioFlamingo2ForConditionalGeneration.from_pretrained`
-    calls it; call it after quantizing a model yourself (`torchao.quantize_`). Returns how many layers it routed.
+    layers keep their class, weights and state-dict names (`modeling.cpu_linear.route_forward`, which also routes the
+    plain layers' kernels). `AudioFlamingo2ForConditionalGeneration.from_pretrained` calls it; call it after quantizing a model yourself (`torchao.quantize_`). Returns how many layers it routed.
     """
-    import functools
+    from .modeling.cpu_linear import route_forward
 
     count = 0
     for module in model.modules():
@@ -240,7 +240,7 @@ def use_int8_cpu_kernel(model) -> int:
             weight = module.weight
             if not _aligned(weight.qdata):
                 weight.qdata = weight.qdata.clone()  # same values, in memory from PyTorch's aligned allocator
-            module.forward = functools.partial(int8_weight_only_product, module)
+            route_forward(module, int8_weight_only_product)
             count += 1
     return count
 

@@ -1,5 +1,5 @@
 """Small helpers shared by the command line, the converter, the model, the demo and the benchmarks: dtype names, the
-sampling defaults, finite weights, one-line errors. Importing it does not import torch (the command line reads the
+sampling defaults, the package's cache folder, finite weights, one-line errors. Importing it does not import torch (the command line reads the
 dtype names before it needs torch)."""
 
 from __future__ import annotations
@@ -25,6 +25,17 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # af2 caption) and the demo's "sample" use unless told otherwise.
 DEFAULT_TOP_K = 30
 DEFAULT_TOP_P = 0.95
+
+
+def default_cache_dir():
+    """Where this package keeps what it computes once per machine: converted checkpoints, the CPU linear kernels and
+    the `--fast` settings measured here (`$AF2_CACHE`, else `$HF_HOME/transformers_af2`)."""
+    import os
+    from pathlib import Path
+
+    from huggingface_hub.constants import HF_HOME
+
+    return Path(os.environ.get("AF2_CACHE", Path(HF_HOME) / "transformers_af2"))
 
 
 def install_hint(extra: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from ..utils import default_cache_dir
 from .checkpoint import convert_checkpoint
 from .output import is_af2_conversion
 from .source import resolve_source, source_revision
@@ -19,12 +20,6 @@ logger = logging.get_logger(__name__)
 
 # Part of every cache key: raise it when a converter change alters what a conversion writes.
 CONVERSION_FORMAT = 2
-
-
-def default_cache_dir() -> Path:
-    from huggingface_hub.constants import HF_HOME
-
-    return Path(os.environ.get("AF2_CACHE", Path(HF_HOME) / "transformers_af2"))
 
 
 def _content_stamp(value) -> str:

@@ -8,7 +8,9 @@ EPYC (AVX-512) oneDNN's matmul made the HTSAT tower ~25% faster and `weight @ in
 for 4). So the kernels are a choice per shape class (`LinearKernels`), made for the machine:
 
 - `use_linear_kernels(model, kernels)` routes every plain `nn.Linear`'s forward through `cpu_linear(kernels, ...)`
-  without changing its class, parameters or state-dict names (same results up to float32 rounding);
+  without changing its class, parameters or state-dict names (same results up to float32 rounding), with
+  `route_forward`, which `quantization.use_int8_cpu_kernel` uses too; `routed_forward(layer)` says which product a
+  layer takes;
 - `choose_linear_kernels(model)` reads `$AF2_LINEAR_KERNELS`: unset or `"default"` keeps `nn.Linear`'s own path;
   `"auto"` times the alternatives with the model's own weights at first use (~1 s) and caches the choice per CPU model,
   PyTorch version, thread count, dtype and layer shapes; an explicit choice overrides. `af2 generate --fast` and
@@ -133,6 +135,27 @@ class FastCPULinear(nn.Linear):
         return cpu_linear(FAST_KERNELS, self, input)
 
 
+def route_forward(module: nn.Linear, product, *leading_args) -> None:
+    """
+    Makes `module(input)` return `product(*leading_args, module, input)`, for this instance only: the routed forward is
+    an instance attribute that shadows `nn.Linear.forward`, so the layer keeps its class, parameters and state-dict
+    names, which quantizers, PEFT and tensor-parallel plans check. `product=None` restores `nn.Linear.forward`.
+
+    Every per-layer kernel choice goes through here (`use_linear_kernels` for plain weights,
+    `quantization.use_int8_cpu_kernel` for torchao's int8 ones), and `routed_forward` reads it back.
+    """
+    module.__dict__.pop("forward", None)
+    if product is not None:
+        module.forward = functools.partial(product, *leading_args, module)
+
+
+def routed_forward(module: nn.Module) -> functools.partial | None:
+    """The forward `route_forward` gave `module` (`.func` is the product, `.args` its leading arguments and the
+    layer), or None when the layer takes its class's own forward."""
+    routed = module.__dict__.get("forward")
+    return routed if isinstance(routed, functools.partial) else None
+
+
 def use_linear_kernels(model: nn.Module, kernels: LinearKernels) -> int:
     """
     Routes the forward of every plain `nn.Linear` under `model` (unquantized: its weight a plain `Parameter`)
@@ -144,17 +167,18 @@ def use_linear_kernels(model: nn.Module, kernels: LinearKernels) -> int:
     for module in model.modules():
         if type(module) is not nn.Linear or type(module.weight) is not nn.Parameter:
             continue
-        module.__dict__.pop("forward", None)
-        if kernels != DEFAULT_KERNELS:
-            module.forward = functools.partial(cpu_linear, kernels, module)
+        if kernels == DEFAULT_KERNELS:
+            route_forward(module, None)
+        else:
+            route_forward(module, cpu_linear, kernels)
             count += 1
     return count
 
 
 def linear_kernels_of(module: nn.Linear) -> LinearKernels:
     """The kernels `use_linear_kernels` routed `module` through (`DEFAULT_KERNELS` if none)."""
-    routed = module.__dict__.get("forward")
-    return routed.args[0] if isinstance(routed, functools.partial) and routed.func is cpu_linear else DEFAULT_KERNELS
+    routed = routed_forward(module)
+    return routed.args[0] if routed is not None and routed.func is cpu_linear else DEFAULT_KERNELS
 
 
 KERNELS_ENV = "AF2_LINEAR_KERNELS"
@@ -236,7 +260,8 @@ def measure_linear_kernels(model, repeats: int = 3) -> tuple[LinearKernels, dict
     return LinearKernels(few_rows=few_rows, many_rows=many_rows), timings
 
 
-def _cpu_model() -> str:
+def cpu_model_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else what `platform` knows)."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -262,14 +287,14 @@ def choose_linear_kernels(model, setting: str | None = None, cache_dir: str | os
     if setting not in ("auto", "auto:remeasure"):
         raise ValueError(f"{KERNELS_ENV}={setting!r}: write auto, auto:remeasure, default, fast or few_rows=...")
     if cache_dir is None:
-        from ..convert.cache import default_cache_dir
+        from ..utils import default_cache_dir
 
         cache_dir = default_cache_dir()
     path = Path(cache_dir) / "linear-kernels.json"
     shapes = sorted({(m.out_features, m.in_features) for m in model.modules() if type(m) is nn.Linear})
     dtype = model.dtype
     key = "|".join(
-        [_cpu_model(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", str(dtype),
+        [cpu_model_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", str(dtype),
          hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]]
     )  # fmt: skip
     try:
@@ -309,9 +334,12 @@ __all__ = [
     "LinearKernels",
     "choose_linear_kernels",
     "cpu_linear",
+    "cpu_model_name",
     "disable_fast_cpu_linears",
     "enable_fast_cpu_linears",
     "linear_kernels_of",
     "measure_linear_kernels",
+    "route_forward",
+    "routed_forward",
     "use_linear_kernels",
 ]
