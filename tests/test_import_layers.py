@@ -86,7 +86,7 @@ def test_what_the_commands_share_imports_no_command():
 
 def test_commands_do_not_import_one_another():
     commands = {name for name in MODULES if name.startswith("transformers_af2.commands.")} - SHARED_BY_COMMANDS
-    assert len(commands) == 7  # generate, convert, caption, eval, demo, serve, train
+    assert len(commands) == 8  # generate, convert, caption, eval, demo, serve, train, fast_settings
     for name in commands:
         assert IMPORTS[name] & (commands | {"transformers_af2.commands"}) == set(), name
 

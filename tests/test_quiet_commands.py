@@ -41,7 +41,7 @@ def _af2(args, tmp_path, watched=HEAVY + UNUSED_BY_INFERENCE, timeout=600):
 
 # Every command but `train`, whose options are transformers' TrainingArguments fields (read from the class, which
 # imports torch); its help imports no package it does not use (test_train_help_prints_only_the_help).
-QUIET_COMMANDS = ["generate", "convert", "caption", "eval", "demo", "serve"]
+QUIET_COMMANDS = ["generate", "convert", "caption", "eval", "demo", "serve", "fast-settings"]
 
 
 @pytest.mark.parametrize("command", [[]] + [[name] for name in QUIET_COMMANDS], ids=lambda c: c[0] if c else "af2")

@@ -91,7 +91,9 @@ class AudioFlamingo2LmmsEval(lmms):
             fast = fast.lower() in ("true", "1", "yes")
         self._device = resolve_device(device)
         self.model, self.processor = load_model_and_processor(
-            pretrained, device=self._device, **model_loading_options(self._device, dtype, bool(fast), quantization)
+            pretrained,
+            device=self._device,
+            **model_loading_options(self._device, dtype, bool(fast), quantization, model_id=pretrained),
         )
         try:
             self.batch_size_per_call = int(batch_size)

@@ -8,9 +8,12 @@ transformers.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from .utils import parse_dtype
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str):
@@ -31,20 +34,25 @@ def resolve_device(name: str):
     return device
 
 
-def model_loading_options(device, dtype: str = "auto", fast: bool = False, quantization: str | None = None) -> dict:
+def model_loading_options(
+    device, dtype: str = "auto", fast: bool = False, quantization: str | None = None, model_id=None
+) -> dict:
     """
     The `dtype`, `quantization` and `linear_kernels` arguments of `load_model_and_processor` from a command's
-    `--dtype`, `--fast` and `--quantization` (one place for every command): `--fast` picks the dtype when `--dtype` is
-    auto, and the CPU linear kernels (`presets.fast_settings`).
+    `--dtype`, `--fast` and `--quantization` (one place for every command). `--fast` (`presets.fast_settings`) picks
+    the CPU linear kernels, and the dtype when `--dtype` is auto; with that dtype, the quantization `af2
+    fast-settings` measured for `model_id` on this machine, when the command gives none.
     """
-    from .presets import fast_settings
+    from .presets import fast_settings, setting_name
 
-    fast_choice = fast_settings(device) if fast else None
-    return {
-        "dtype": parse_dtype(fast_choice.dtype if fast_choice and dtype == "auto" else dtype, device),
-        "quantization": quantization,
-        "linear_kernels": fast_choice.linear_kernels if fast_choice else None,
-    }
+    if not fast:
+        return {"dtype": parse_dtype(dtype, device), "quantization": quantization, "linear_kernels": None}
+    choice = fast_settings(device, model_id=model_id)
+    if dtype == "auto":
+        dtype = choice.dtype
+        quantization = quantization if quantization is not None else choice.quantization
+    logger.info("--fast: %s (%s)", setting_name(dtype, quantization), choice.reason)
+    return {"dtype": parse_dtype(dtype, device), "quantization": quantization, "linear_kernels": choice.linear_kernels}
 
 
 def load_model_and_processor(

@@ -1,6 +1,18 @@
 """
-`--fast`: the settings measured fastest on a kind of device while keeping the answers of float32 greedy decoding
-(token agreement >= 97% on the benchmarks' clips; `benchmarks/README.md`, "Precision, quantization and kernels").
+`--fast`: the settings fastest on this machine while keeping the answers of float32 greedy decoding.
+
+Two sources, the first that applies:
+
+1. **Measured here, for this model** (`af2 fast-settings --model M`, `fast_measurement.measure_fast_settings`): each candidate this
+   device supports (`candidate_settings`: float32, bfloat16, bfloat16 with int8 or int4 weights) is loaded as the
+   commands load it and answers the same clips greedily; a candidate keeps the answers when >= 97% of float32's
+   answer tokens are its own at the same positions (`AGREEMENT_RULE`), and `--fast` takes the fastest of those
+   (`choose_setting`). The record (`<cache>/fast-settings.json`, the conversion cache: `$AF2_CACHE` or
+   `$HF_HOME/transformers_af2`) names the model's files (a hub snapshot's commit, or a local directory's sampled
+   file hashes), the machine (device, CPU model, PyTorch, threads) and every measurement; another model, changed
+   files or another machine find no record and fall back to the table.
+2. **The table per kind of device**, from the benchmarks (`benchmarks/README.md`, "Precision, quantization and
+   kernels"):
 
 | device | dtype | CPU linear kernels | why |
 |---|---|---|---|
@@ -8,14 +20,28 @@
 | CPU with native bf16 dot products (`avx512_bf16` or AMX) | bfloat16 | measured on the machine (`"auto"`) | bf16 tower 1.6x (EPYC) to 2.35x (Xeon AMX) faster; 97.5-100% of fp32's tokens on af2-0.5b (on a random af2-3b, 75%: near-tied logits, every decisive position kept) |
 | other CPUs | float32 | measured on the machine (`"auto"`) | bf16 is emulated there (slower than float32) |
 
-Weight-only int4/int8 (`--quantization`) are not part of it: on the benchmarks' random-weight models their greedy
-answers differ from float32's within the first tokens (their top logits are too close to judge, see the README), so
-the >= 97% rule could not be shown; they remain the user's choice.
+The table leaves weight-only int8/int4 (`--quantization`) out: on the benchmarks' random-weight models their top
+logits are too close to judge agreement (see the README). With a model's own weights, `af2 fast-settings` judges it,
+and `--fast` takes int8 or int4 where they keep the answers and are faster.
+
+An explicit `--dtype` or `--quantization` always wins; a measured quantization is used only with the dtype it was
+measured with (`--dtype auto`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
+
+# A candidate keeps the answers when at least this share of float32's greedy answer tokens are its own, position by
+# position (the issue's rule for `--fast`).
+AGREEMENT_RULE = 0.97
+# A less precise candidate is taken only when it is at least this much faster than the best more precise one: one
+# measurement is noisy, and a choice that flips between runs would change answers from run to run.
+SPEED_MARGIN = 0.95
+RECORDS_FILE = "fast-settings.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +49,7 @@ class FastSettings:
     dtype: str  # a name of utils.DTYPE_NAMES
     linear_kernels: str | None  # a setting of modeling.cpu_linear.choose_linear_kernels (None: not CPU)
     reason: str
+    quantization: str | None = None  # a name of quantization.QUANTIZATION_NAMES, from a measured record only
 
 
 def cpu_flags() -> set[str]:
@@ -37,11 +64,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def fast_settings(device, flags: set[str] | None = None) -> FastSettings:
-    """The `--fast` settings for `device` (a `torch.device` or string); `flags`: the CPU's (default: this one's)."""
+def fast_settings(device, flags: set[str] | None = None, model_id=None, cache_dir=None) -> FastSettings:
+    """
+    The `--fast` settings for `device` (a `torch.device` or string): the record `af2 fast-settings` measured for
+    `model_id` on this machine, if there is one, else the table above (`flags`: the CPU's, default this one's).
+    """
     import torch
 
-    if torch.device(device).type != "cpu":
+    device = torch.device(device)
+    kernels = "auto" if device.type == "cpu" else None
+    if model_id is not None:
+        record = measured_record(model_id, device, cache_dir)
+        if record is not None:
+            choice = record["choice"]
+            return FastSettings(
+                choice["dtype"], kernels, f"measured for this model on this machine ({record['measured']})",
+                choice["quantization"],
+            )  # fmt: skip
+    if device.type != "cpu":
         return FastSettings("bfloat16", None, "accelerator: bfloat16")
     flags = cpu_flags() if flags is None else flags
     native_bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
@@ -50,4 +90,152 @@ def fast_settings(device, flags: set[str] | None = None) -> FastSettings:
     return FastSettings("float32", "auto", "CPU without native bfloat16: float32, measured kernels")
 
 
-__all__ = ["FastSettings", "cpu_flags", "fast_settings"]
+# ---------------------------------------------------------------------------------------------------------------------
+# measured records
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_setting(text: str) -> tuple[str, str | None]:
+    """`"DTYPE"` or `"DTYPE+SCHEME"` (e.g. `bfloat16+int8`) as `(dtype, scheme or None)`; a ValueError otherwise."""
+    from .quantization import QUANTIZATION_NAMES
+    from .utils import DTYPE_NAMES
+
+    dtype, _, scheme = text.partition("+")
+    if dtype not in DTYPE_NAMES or (scheme and scheme not in QUANTIZATION_NAMES):
+        raise ValueError(
+            f"setting {text!r}: write DTYPE or DTYPE+SCHEME, DTYPE one of {', '.join(DTYPE_NAMES)}, SCHEME one of "
+            f"{', '.join(QUANTIZATION_NAMES)}"
+        )
+    return dtype, scheme or None
+
+
+def setting_name(dtype: str, scheme: str | None) -> str:
+    return f"{dtype}+{scheme}" if scheme else dtype
+
+
+def candidate_settings(
+    device, flags: set[str] | None = None, quantizable: bool = True
+) -> list[tuple[str, str | None]]:
+    """
+    What `af2 fast-settings` measures on `device`, most precise first: float32 (the reference), then bfloat16 where
+    it is native (GPUs; CPUs with avx512_bf16 or AMX), then, for a `quantizable` model (AF2) with torchao installed,
+    bfloat16 with int8 weights (PyTorch's int8 kernel on CPU) and with int4 weights (where torchao has a kernel for the
+    device). float16 and bitsandbytes are not measured by default (slower on CPU; give them with `--candidates`).
+    """
+    import importlib.util
+
+    import torch
+
+    device = torch.device(device)
+    flags = cpu_flags() if flags is None else flags
+    if device.type == "cpu" and not flags & {"avx512_bf16", "amx_bf16"}:
+        return [("float32", None)]  # bfloat16 is emulated there, and the int8/int4 kernels take bfloat16
+    settings = [("float32", None), ("bfloat16", None)]
+    if quantizable and importlib.util.find_spec("torchao") is not None:
+        from .quantization import int4_cpu_kernel_available
+
+        settings.append(("bfloat16", "int8"))
+        if device.type != "cpu" or int4_cpu_kernel_available():
+            settings.append(("bfloat16", "int4"))
+    return settings
+
+
+def model_files_identity(model_id) -> dict | None:
+    """
+    What names a model's files in a record: a hub snapshot's commit (a hub id in the local hub cache, or a snapshot
+    directory), or the sampled hashes of a local directory's weight, config and tokenizer files
+    (`runstore.model_directory_files`). None for a hub id not in the local cache: it was never measured here.
+    """
+    from .convert.source import source_revision
+    from .runstore import model_directory_files
+
+    path = Path(os.path.expanduser(str(model_id)))
+    if path.is_dir():
+        commit = source_revision(path.resolve())
+        return {"hub_revision": commit} if commit else {"files": model_directory_files(path)}
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        snapshot = snapshot_download(str(model_id), local_files_only=True)
+    except (HFValidationError, LocalEntryNotFoundError, OSError):
+        return None
+    return {"hub_revision": Path(snapshot).name}
+
+
+def machine_identity(device) -> dict:
+    """The device, CPU model, PyTorch version and thread count a measurement holds for."""
+    import torch
+
+    from .modeling.cpu_linear import cpu_model_name
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"device": name, "cpu": cpu_model_name(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def _records_path(cache_dir) -> Path:
+    if cache_dir is None:
+        from .utils import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    return Path(cache_dir) / RECORDS_FILE
+
+
+def _read_records(path: Path) -> list[dict]:
+    try:
+        records = json.loads(path.read_text()).get("records", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [r for r in records if isinstance(r, dict) and {"model", "machine", "choice"} <= r.keys()]
+
+
+def measured_record(model_id, device, cache_dir=None) -> dict | None:
+    """The record `af2 fast-settings` wrote for `model_id`'s files on this machine, or None."""
+    path = _records_path(cache_dir)
+    if not path.is_file():
+        return None
+    identity = model_files_identity(model_id)
+    if identity is None:
+        return None
+    machine = machine_identity(device)
+    return next((r for r in _read_records(path) if r["model"] == identity and r["machine"] == machine), None)
+
+
+def write_record(record: dict, cache_dir=None) -> Path:
+    """Adds `record`, replacing an earlier one for the same model files and machine (atomic replace of the file:
+    two measurements finishing together each write a whole file, and the later one's is kept)."""
+    from .runstore import write_json_atomically
+
+    path = _records_path(cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [r for r in _read_records(path) if (r["model"], r["machine"]) != (record["model"], record["machine"])]
+    write_json_atomically(path, {"records": [*records, record]})
+    return path
+
+
+def choose_setting(measurements: list[dict], rule: float = AGREEMENT_RULE, margin: float = SPEED_MARGIN) -> dict:
+    """
+    The measurement `--fast` takes: of those whose token agreement with float32 is at least `rule` (the reference,
+    first, always is), the fastest by `seconds` (the time of the reference answers), a less precise one only when
+    it is faster than the best before it by the factor `margin`. `measurements` are ordered most precise first.
+    """
+    best = measurements[0]
+    for entry in measurements[1:]:
+        if entry["agreement"]["tokens"] >= rule and entry["seconds"] < margin * best["seconds"]:
+            best = entry
+    return best
+
+
+__all__ = [
+    "AGREEMENT_RULE",
+    "FastSettings",
+    "candidate_settings",
+    "choose_setting",
+    "cpu_flags",
+    "fast_settings",
+    "measured_record",
+    "parse_setting",
+    "setting_name",
+    "write_record",
+]

@@ -214,6 +214,18 @@ def sampled_sha256(path: str | os.PathLike) -> str:
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".yaml", ".yml", ".model", ".txt")
 
 
+def model_directory_files(directory: Path) -> dict[str, str]:
+    """`sampled_sha256` of every weight, config and tokenizer file under a model directory (hidden ones left out)."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if path.suffix.lower() in _MODEL_FILE_SUFFIXES:
+            files[str(relative)] = sampled_sha256(path)
+    return files
+
+
 def model_fingerprint(model, model_id: str | os.PathLike | None) -> dict:
     """
     What identifies the weights a run used, with their dtype and, for a quantized model, its quantization config:
@@ -228,14 +240,7 @@ def model_fingerprint(model, model_id: str | os.PathLike | None) -> dict:
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
     directory = Path(os.path.expanduser(str(model_id))) if model_id is not None else None
     if directory is not None and directory.is_dir():
-        files = {}
-        for path in sorted(directory.rglob("*")):
-            relative = path.relative_to(directory)
-            if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-                continue
-            if path.suffix.lower() in _MODEL_FILE_SUFFIXES:
-                files[str(relative)] = sampled_sha256(path)
-        return {"id": str(directory.resolve()), "dtype": dtype, "files": files}
+        return {"id": str(directory.resolve()), "dtype": dtype, "files": model_directory_files(directory)}
     if commit:
         return {"id": str(model_id), "dtype": dtype, "hub_revision": commit}
     import torch

@@ -126,7 +126,7 @@ def caption(
                 model_id,
                 device=resolved_device,
                 original_config=config,
-                **model_loading_options(resolved_device, dtype, fast, quantization),
+                **model_loading_options(resolved_device, dtype, fast, quantization, model_id=model_id),
             )
         else:
             if processor is None:

@@ -17,8 +17,8 @@ import sys
 
 from ..utils import one_line
 
-# In the order `af2 --help` lists them; each is the module `transformers_af2.commands.<name>`.
-COMMANDS = ("generate", "convert", "caption", "train", "eval", "demo", "serve")
+# In the order `af2 --help` lists them; each is the module `transformers_af2.commands.<name>` ("-" read as "_").
+COMMANDS = ("generate", "convert", "caption", "train", "eval", "demo", "serve", "fast-settings")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"af2 {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f".{name}", __name__)
+        module = importlib.import_module(f".{name.replace('-', '_')}", __name__)
         if command is None or command == name:
             module.add_parser(subparsers)
         else:

@@ -98,7 +98,9 @@ def run(args) -> int:
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per data-parallel process
     model, processor = load_model_and_processor(
-        args.model, device=device, **model_loading_options(device, args.dtype, args.fast, args.quantization)
+        args.model,
+        device=device,
+        **model_loading_options(device, args.dtype, args.fast, args.quantization, model_id=args.model),
     )
     # The family's own prompt for the task where its authors publish one (recorded as the run's prompt template).
     family_prompt = family_for(model, processor).eval_prompt(args.task)

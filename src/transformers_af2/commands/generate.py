@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from ..loading import load_model_and_processor, model_loading_options, resolve_device
@@ -17,6 +16,7 @@ from .options import (
     non_empty,
     positive_int,
     question,
+    unreadable_audio_file,
 )
 
 HELP = "answer a question about one or more audio files"
@@ -96,15 +96,6 @@ def _pair_inputs(audios: list[str], prompts: list[str]) -> list[tuple[str, str]]
     return list(zip(audios, prompts))
 
 
-def _unreadable(path: str) -> str | None:
-    """Why `path` cannot be an audio file (checked before the model loads), or None."""
-    if os.path.isdir(path):
-        return f"{display(path)}: is a directory, not an audio file."
-    if not os.path.isfile(path):
-        return f"{display(path)}: no such audio file."
-    return None
-
-
 def _check_max_new_tokens(max_new_tokens: int | None, model) -> None:
     positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_new_tokens is not None and positions is not None and max_new_tokens >= positions:
@@ -140,7 +131,7 @@ def run(args) -> int:
     several = len(pairs) > 1
     errors: dict[int, str] = {}
     for index, (audio, _) in enumerate(pairs):
-        if (problem := _unreadable(audio)) is not None:
+        if (problem := unreadable_audio_file(audio)) is not None:
             errors[index] = _report(index, several, audio, problem)
     todo = [index for index in range(len(pairs)) if index not in errors]
     answers: dict[int, dict] = {}
@@ -157,7 +148,7 @@ def run(args) -> int:
             args.model,
             device=device,
             original_config=args.config,
-            **model_loading_options(device, args.dtype, args.fast, args.quantization),
+            **model_loading_options(device, args.dtype, args.fast, args.quantization, model_id=args.model),
         )
         _check_max_new_tokens(args.max_new_tokens, model)
         pipe = pipeline(TASK, model=model, processor=processor, device=device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from ..quantization import QUANTIZATION_NAMES
 from ..utils import DEFAULT_TOP_K, DEFAULT_TOP_P, DTYPE_NAMES
@@ -202,6 +203,15 @@ def question(value: str) -> str:
             f"the question is not valid UTF-8 text: '{display(value)}'; check the terminal's encoding"
         ) from None
     return value
+
+
+def unreadable_audio_file(path: str) -> str | None:
+    """Why `path` cannot be an audio file (checked before the model loads), or None."""
+    if os.path.isdir(path):
+        return f"{display(path)}: is a directory, not an audio file."
+    if not os.path.isfile(path):
+        return f"{display(path)}: no such audio file."
+    return None
 
 
 def display(text: str) -> str:

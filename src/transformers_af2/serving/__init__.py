@@ -59,7 +59,7 @@ def load_served_model(path: str, device: str = "auto", dtype: str = "auto", quan
     place = resolve_device(device)
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return load_model_and_processor(
-        path, device=place, **model_loading_options(place, dtype, fast, quantization), **options
+        path, device=place, **model_loading_options(place, dtype, fast, quantization, model_id=path), **options
     )
 
 

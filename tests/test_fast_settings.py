@@ -1,0 +1,196 @@
+"""
+`af2 fast-settings` and `--fast` (transformers_af2.presets): the candidates are measured on the parity fixture's
+converted model with its own audio and prompts, the record names the model's files and the machine, and `--fast`
+takes the recorded choice for that model only.
+"""
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+import torch
+
+from transformers_af2.commands import main
+from transformers_af2.loading import load_model_and_processor, model_loading_options
+from transformers_af2.presets import (
+    AGREEMENT_RULE,
+    RECORDS_FILE,
+    choose_setting,
+    fast_settings,
+    measured_record,
+    model_files_identity,
+)
+
+NEW_TOKENS = 6
+
+
+def _measurement(setting: str, seconds: float, agreement: float) -> dict:
+    dtype, _, scheme = setting.partition("+")
+    return {
+        "setting": setting,
+        "dtype": dtype,
+        "quantization": scheme or None,
+        "seconds": seconds,
+        "agreement": {"tokens": agreement},
+    }
+
+
+@pytest.mark.parametrize(
+    "measured, chosen",
+    [
+        # The fastest of those that keep >= 97% of float32's tokens.
+        ([("float32", 10.0, 1.0), ("bfloat16", 5.0, 1.0), ("bfloat16+int8", 3.0, 0.98)], "bfloat16+int8"),
+        # Faster but below the rule: left out, whatever its speed.
+        ([("float32", 10.0, 1.0), ("bfloat16", 5.0, 0.99), ("bfloat16+int4", 1.0, 0.969)], "bfloat16"),
+        # Not faster by the margin (5%) than the best more precise one: the more precise one stays.
+        ([("float32", 10.0, 1.0), ("bfloat16", 5.0, 1.0), ("bfloat16+int8", 4.9, 1.0)], "bfloat16"),
+        # Nothing else keeps the answers: float32.
+        ([("float32", 10.0, 1.0), ("bfloat16", 5.0, 0.5)], "float32"),
+        # A slower candidate is never taken, even when it agrees.
+        ([("float32", 10.0, 1.0), ("bfloat16", 12.0, 1.0)], "float32"),
+    ],
+)
+def test_choose_setting_takes_the_fastest_that_keeps_the_answers(measured, chosen):
+    assert choose_setting([_measurement(*entry) for entry in measured])["setting"] == chosen
+
+
+@pytest.fixture(scope="module")
+def measured(converted_fixture, tmp_path_factory):
+    """`af2 fast-settings` run once on the fixture's converted model (two of its clips and its first prompt), with the
+    records in a temporary cache: (fixture, record printed by --json, cache directory)."""
+    cache = tmp_path_factory.mktemp("af2-cache")
+    fixture = converted_fixture
+    argv = [
+        "fast-settings", "--model", str(fixture.repo), "--device", "cpu", "--audio", str(fixture.wav(0)),
+        "--audio", str(fixture.wav(1)), "--prompt", fixture.reference["prompts"][0], "--new-tokens", str(NEW_TOKENS),
+        "--candidates", "bfloat16", "bfloat16+int8", "--json",
+    ]  # fmt: skip
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+        patch.setenv("AF2_CACHE", str(cache))
+        assert main(argv) == 0
+    return fixture, json.loads(out.getvalue()), cache
+
+
+def test_fast_settings_measures_each_candidate_against_float32(measured):
+    """Every candidate answered the same clips; float32's answer to the fixture's first clip is the original's greedy
+    answer; each agreement is the share of float32's tokens the candidate matched, position by position."""
+    fixture, record, _ = measured
+    settings = [entry["setting"] for entry in record["measurements"]]
+    assert settings == ["float32", "bfloat16", "bfloat16+int8"]
+    reference = record["measurements"][0]["clips"]
+    assert list(reference) == [str(fixture.wav(0)), str(fixture.wav(1))]
+    prompt_length = fixture.ids("s0.prompt_ids").shape[1]
+    expected = fixture.ids("s0.greedy_ids")[0, prompt_length:].tolist()[:NEW_TOKENS]
+    assert reference[str(fixture.wav(0))]["tokens"] == expected
+    for entry in record["measurements"]:
+        same = total = 0
+        for clip, answer in entry["clips"].items():
+            want = reference[clip]["tokens"]
+            same += sum(a == b for a, b in zip(answer["tokens"], want))
+            total += len(want)
+            assert answer["prefill_s"] > 0 and answer["step_s"] > 0
+        assert entry["agreement"]["tokens"] == pytest.approx(same / total)
+        assert entry["seconds"] > 0
+    assert record["measurements"][0]["agreement"]["tokens"] == 1.0
+
+
+def test_the_choice_is_the_fastest_that_keeps_the_answers(measured):
+    _, record, _ = measured
+    entries = record["measurements"]
+    best = entries[0]
+    for entry in entries[1:]:
+        if entry["agreement"]["tokens"] >= AGREEMENT_RULE and entry["seconds"] < 0.95 * best["seconds"]:
+            best = entry
+    assert record["choice"]["setting"] == best["setting"]
+    assert (record["choice"]["dtype"], record["choice"]["quantization"]) == (best["dtype"], best["quantization"])
+
+
+def test_fast_takes_the_record_for_this_model_only(measured, tmp_path, monkeypatch, capsys):
+    fixture, record, cache = measured
+    monkeypatch.setenv("AF2_CACHE", str(cache))
+    choice = record["choice"]
+    settings = fast_settings("cpu", model_id=str(fixture.repo))
+    assert (settings.dtype, settings.quantization) == (choice["dtype"], choice["quantization"])
+    assert settings.reason.startswith("measured for this model on this machine")
+    assert main(["fast-settings", "--model", str(fixture.repo), "--device", "cpu", "--show"]) == 0
+    assert f": {choice['setting']} (measured for this model" in capsys.readouterr().out
+
+    # The same files elsewhere are the same model; one changed byte in a weight file is another model.
+    copy = tmp_path / "copy"
+    shutil.copytree(fixture.repo, copy)
+    assert measured_record(copy, "cpu") is not None
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert measured_record(copy, "cpu") is None
+    assert fast_settings("cpu", model_id=str(copy)).reason.startswith("CPU")
+
+    # Another thread count is another machine.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert measured_record(fixture.repo, "cpu") is None
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_recorded_quantization_is_loaded_by_fast_with_its_dtype_only(measured, tmp_path, monkeypatch, caplog):
+    """A record that chose bfloat16 + int8 (written here: which setting a machine measures fastest is its own) makes
+    `--fast` load int8 weights in bfloat16; an explicit --dtype or --quantization wins over it."""
+    pytest.importorskip("torchao")
+    fixture, record, cache = measured
+    cache = tmp_path / "cache"
+    shutil.copytree(measured[2], cache)
+    path = cache / RECORDS_FILE
+    records = json.loads(path.read_text())
+    (entry,) = records["records"]
+    entry["choice"] = {"dtype": "bfloat16", "quantization": "int8", "setting": "bfloat16+int8"}
+    path.write_text(json.dumps(records))
+    monkeypatch.setenv("AF2_CACHE", str(cache))
+
+    with caplog.at_level("INFO", logger="transformers_af2.loading"):
+        options = model_loading_options("cpu", "auto", True, None, model_id=str(fixture.repo))
+    assert (options["dtype"], options["quantization"]) == (torch.bfloat16, "int8")
+    assert "--fast: bfloat16+int8 (measured for this model on this machine" in caplog.text
+    model, _ = load_model_and_processor(str(fixture.repo), device="cpu", **options)
+    assert model.hf_quantizer is not None and model.dtype == torch.bfloat16
+
+    explicit = model_loading_options("cpu", "float32", True, None, model_id=str(fixture.repo))
+    assert (explicit["dtype"], explicit["quantization"]) == (torch.float32, None)
+    other = model_loading_options("cpu", "auto", True, "int4", model_id=str(fixture.repo))
+    assert (other["dtype"], other["quantization"]) == (torch.bfloat16, "int4")
+    without_fast = model_loading_options("cpu", "auto", False, None, model_id=str(fixture.repo))
+    assert (without_fast["dtype"], without_fast["quantization"]) == (torch.float32, None)
+
+
+def test_hub_ids_are_named_by_their_snapshot_commit(tmp_path, monkeypatch):
+    """A hub id in the local hub cache is named by its snapshot's commit; one not in the cache has no record (it was
+    never measured here) and nothing is downloaded to find out."""
+    from huggingface_hub import constants
+    from test_hub_ids import COMMIT, publish
+
+    snapshot = publish(tmp_path / "hub", "af2test/fast", {"config.json": b"{}"})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert model_files_identity("af2test/fast") == {"hub_revision": COMMIT}
+    assert model_files_identity(snapshot) == {"hub_revision": COMMIT}
+    assert model_files_identity("af2test/not-downloaded") is None
+    assert measured_record("af2test/not-downloaded", "cpu", cache_dir=tmp_path) is None
+
+
+def test_fast_settings_refuses_what_it_cannot_measure(converted_fixture, tmp_path, capsys):
+    """A setting that is not DTYPE[+SCHEME] is a usage error naming it; an unreadable clip is refused before any
+    model is loaded, naming the file."""
+    with pytest.raises(SystemExit) as raised:
+        main(["fast-settings", "--candidates", "float64"])
+    assert raised.value.code == 2
+    assert "setting 'float64': write DTYPE or DTYPE+SCHEME" in capsys.readouterr().err
+    missing = tmp_path / "missing.wav"
+    argv = ["fast-settings", "--model", str(converted_fixture.repo), "--device", "cpu", "--audio", str(missing)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("af2 fast-settings: error: --audio ") and str(missing) in err
