@@ -107,6 +107,7 @@ def measure_fast_settings(
     quantizable = detect_family(os.path.expanduser(str(model_id))) is AudioFlamingo2Family
     candidates = list(candidates or candidate_settings(device, quantizable=quantizable))
     settings = [("float32", None)] + [c for c in candidates if c != ("float32", None)]
+    identity = model_files_identity(model_id)  # None for a hub id not downloaded yet: the first load fetches it
     measurements, reference = [], None
     for dtype_name, scheme in settings:
         name = setting_name(dtype_name, scheme)
@@ -127,6 +128,11 @@ def measure_fast_settings(
         gc.collect()
         if reference is None:
             reference = {clip: answer["tokens"] for clip, answer in answers.items()}
+            if not any(reference.values()):
+                raise ValueError(
+                    f"{model_id}: float32 answered every clip with no token; the agreement rule needs answers (give "
+                    "other --audio or --prompt)."
+                )
         same = sum(a == b for clip in reference for a, b in zip(answers[clip]["tokens"], reference[clip]))
         total = sum(len(tokens) for tokens in reference.values())
         seconds = sum(
@@ -150,13 +156,14 @@ def measure_fast_settings(
             f"{name}: {seconds:.2f} s for float32's answers, agreement {entry['agreement']['tokens']:.1%} of "
             f"{total} tokens ({entry['agreement']['identical_answers']} of {len(reference)} answers identical)"
         )
-    if not any(reference.values()):
-        raise ValueError(
-            f"{model_id}: float32 answered every clip with no token; the agreement rule needs answers (give other "
-            "--audio or --prompt)."
-        )
     chosen = choose_setting(measurements)
-    identity = model_files_identity(model_id)
+    measured_files = model_files_identity(model_id)
+    if identity is not None and measured_files != identity:
+        raise ValueError(
+            f"{model_id}: its files changed while they were measured (each setting loads them again); nothing was "
+            "recorded. Measure again when they no longer change."
+        )
+    identity = measured_files
     record = {
         "model": identity,
         "model_id": str(model_id),

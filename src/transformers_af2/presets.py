@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 # A candidate keeps the answers when at least this share of float32's greedy answer tokens are its own, position by
@@ -42,6 +44,8 @@ AGREEMENT_RULE = 0.97
 # measurement is noisy, and a choice that flips between runs would change answers from run to run.
 SPEED_MARGIN = 0.95
 RECORDS_FILE = "fast-settings.json"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,18 +144,37 @@ def candidate_settings(
     return settings
 
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+# The CPU features a measurement depends on beyond the model name (which can be as vague as "AMD EPYC").
+_CPU_FEATURES = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}
+
+
+def _hub_snapshot_commit(directory: Path) -> str | None:
+    """The commit of a snapshot in a hub cache (`models--*/snapshots/<40 hex digits>`), whose files the hub client
+    never rewrites; None for any other directory, even one named like it."""
+    resolved = directory.resolve()
+    snapshots = resolved.parent
+    if (
+        snapshots.name == "snapshots"
+        and snapshots.parent.name.startswith("models--")
+        and _COMMIT.fullmatch(resolved.name)
+    ):
+        return resolved.name
+    return None
+
+
 def model_files_identity(model_id) -> dict | None:
     """
     What names a model's files in a record: a hub snapshot's commit (a hub id in the local hub cache, or a snapshot
-    directory), or the sampled hashes of a local directory's weight, config and tokenizer files
-    (`runstore.model_directory_files`). None for a hub id not in the local cache: it was never measured here.
+    directory of a hub cache), or the sampled hashes of a local directory's weight, config and tokenizer files
+    (`runstore.model_directory_files`). None for a hub id not in the local cache (it was never measured here) and for
+    a path that does not exist.
     """
-    from .convert.source import source_revision
     from .runstore import model_directory_files
 
     path = Path(os.path.expanduser(str(model_id)))
     if path.is_dir():
-        commit = source_revision(path.resolve())
+        commit = _hub_snapshot_commit(path)
         return {"hub_revision": commit} if commit else {"files": model_directory_files(path)}
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -164,14 +187,19 @@ def model_files_identity(model_id) -> dict | None:
 
 
 def machine_identity(device) -> dict:
-    """The device, CPU model, PyTorch version and thread count a measurement holds for."""
+    """The device, CPU model and features, PyTorch version and thread count a measurement holds for."""
     import torch
 
     from .modeling.cpu_linear import cpu_model_name
 
     device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return {"device": name, "cpu": cpu_model_name(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "cpu": cpu_model_name(),
+        "cpu_features": sorted(cpu_flags() & _CPU_FEATURES),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _records_path(cache_dir) -> Path:
@@ -182,35 +210,95 @@ def _records_path(cache_dir) -> Path:
     return Path(cache_dir) / RECORDS_FILE
 
 
+class UnreadableRecords(ValueError):
+    """The records file exists but is not one `af2 fast-settings` wrote (not JSON, or not a list of records)."""
+
+
+def _valid_record(record) -> bool:
+    from .quantization import QUANTIZATION_NAMES
+    from .utils import DTYPE_NAMES
+
+    if not isinstance(record, dict):
+        return False
+    choice = record.get("choice")
+    return (
+        isinstance(record.get("model"), dict)
+        and isinstance(record.get("machine"), dict)
+        and isinstance(record.get("measured"), str)
+        and isinstance(choice, dict)
+        and choice.get("dtype") in DTYPE_NAMES
+        and (choice.get("quantization") is None or choice.get("quantization") in QUANTIZATION_NAMES)
+    )
+
+
 def _read_records(path: Path) -> list[dict]:
+    """The records of `path` ([] when it does not exist), leaving out, with a warning naming the file, entries that
+    are not records (hand-edited: an unknown dtype or scheme, a missing field). `UnreadableRecords` when the file
+    itself is not a records file."""
     try:
-        records = json.loads(path.read_text()).get("records", [])
-    except (OSError, ValueError, AttributeError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return []
-    return [r for r in records if isinstance(r, dict) and {"model", "machine", "choice"} <= r.keys()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UnreadableRecords(f"{path}: cannot be read ({error})") from None
+    try:
+        records = json.loads(text).get("records")
+    except (ValueError, AttributeError):
+        records = None
+    if not isinstance(records, list):
+        raise UnreadableRecords(f'{path}: not a file of --fast records (a JSON object with a "records" list)')
+    valid = [record for record in records if _valid_record(record)]
+    if len(valid) < len(records):
+        logger.warning("%s: %d of its %d entries are not --fast records; left out", path, len(records) - len(valid),
+                       len(records))  # fmt: skip
+    return valid
 
 
 def measured_record(model_id, device, cache_dir=None) -> dict | None:
-    """The record `af2 fast-settings` wrote for `model_id`'s files on this machine, or None."""
+    """The record `af2 fast-settings` wrote for `model_id`'s files on this machine, or None (also, with a warning
+    naming it, when the records file is unreadable: `--fast` then takes the device table)."""
     path = _records_path(cache_dir)
     if not path.is_file():
         return None
     identity = model_files_identity(model_id)
     if identity is None:
         return None
+    try:
+        records = _read_records(path)
+    except UnreadableRecords as error:
+        logger.warning("%s; --fast takes the settings of its device table. Run af2 fast-settings again to replace it.",
+                       error)  # fmt: skip
+        return None
     machine = machine_identity(device)
-    return next((r for r in _read_records(path) if r["model"] == identity and r["machine"] == machine), None)
+    return next((r for r in records if r["model"] == identity and r["machine"] == machine), None)
 
 
 def write_record(record: dict, cache_dir=None) -> Path:
-    """Adds `record`, replacing an earlier one for the same model files and machine (atomic replace of the file:
-    two measurements finishing together each write a whole file, and the later one's is kept)."""
+    """
+    Adds `record` to the records file, replacing an earlier one for the same model files and machine. The read,
+    change and write happen under a lock (`<file>.lock`), so that measurements finishing together keep each other's
+    records; the file is replaced atomically. A file that is not a records file is kept, renamed
+    `<file>.unreadable-<time>`, with a warning, and a new one started.
+    """
+    import fcntl
+    import time
+
     from .runstore import write_json_atomically
 
     path = _records_path(cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = [r for r in _read_records(path) if (r["model"], r["machine"]) != (record["model"], record["machine"])]
-    write_json_atomically(path, {"records": [*records, record]})
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            records = _read_records(path)
+        except UnreadableRecords as error:
+            kept = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, kept)
+            logger.warning("%s; kept as %s, and a new records file started", error, kept)
+            records = []
+        key = (record["model"], record["machine"])
+        records = [r for r in records if (r["model"], r["machine"]) != key]
+        write_json_atomically(path, {"records": [*records, record]})
     return path
 
 
@@ -230,6 +318,7 @@ def choose_setting(measurements: list[dict], rule: float = AGREEMENT_RULE, margi
 __all__ = [
     "AGREEMENT_RULE",
     "FastSettings",
+    "UnreadableRecords",
     "candidate_settings",
     "choose_setting",
     "cpu_flags",

@@ -70,12 +70,23 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def _check_model_names_something(model: str) -> None:
+    """A --model that is neither an existing path nor a hub id is a typo: say so, rather than measure nothing or show
+    the device table as if the model had no record."""
+    import os
+    import re
+
+    if not os.path.exists(os.path.expanduser(model)) and not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise ValueError(f"--model {display(model)}: no such directory, and not a hub id (ORG/NAME).")
+
+
 def run(args) -> int:
     from ..fast_measurement import DEFAULT_PROMPT, measure_fast_settings
     from ..loading import resolve_device
     from ..presets import fast_settings, setting_name
 
     device = resolve_device(args.device)
+    _check_model_names_something(args.model)
     if args.show:
         choice = fast_settings(device, model_id=args.model)
         print(f"--fast for {display(args.model)} on {device}: {setting_name(choice.dtype, choice.quantization)} "

@@ -110,9 +110,9 @@ def add_speed_arguments(parser) -> None:
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="the settings measured fastest on this kind of device while keeping float32's answers (with --dtype "
-        "auto: bfloat16 on GPUs and on CPUs with avx512_bf16/AMX; on CPU, linear kernels measured once and cached). "
-        "See transformers_af2.presets",
+        help="the fastest settings that keep float32's answers: what `af2 fast-settings` measured for this model on "
+        "this machine (with --dtype auto; it may take int8/int4 weights), else bfloat16 on GPUs and on CPUs with "
+        "avx512_bf16/AMX; on CPU, linear kernels measured once and cached. See transformers_af2.presets",
     )
     parser.add_argument(
         "--quantization",
@@ -163,12 +163,14 @@ def add_sampling_arguments(parser, sample_note: str = "", seed_help: str = "for 
     parser.add_argument("--seed", type=seed, default=None, help=f"random seed in [0, {MAX_SEED}], {seed_help}")
 
 
-def add_device_arguments(parser) -> None:
-    """`--device` and `--dtype`, as the commands that place the model themselves take them (`loading.resolve_device`,
-    `utils.parse_dtype` read them)."""
+def add_device_arguments(parser, dtype: bool = True) -> None:
+    """`--device` and (with `dtype`) `--dtype`, as the commands that place the model themselves take them
+    (`loading.resolve_device`, `utils.parse_dtype` read them)."""
     parser.add_argument(
         "--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto" takes the GPU when there is one'
     )
+    if not dtype:
+        return
     parser.add_argument(
         "--dtype",
         default="auto",

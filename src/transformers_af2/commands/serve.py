@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ..loading import model_loading_options, resolve_device
 from ..serving import API_KEY_ENV, LOCAL_HOSTS, check_serve_dependencies, load_served_model, resolve_model_path
 from ..utils import install_hint
 from .options import (
@@ -144,11 +145,13 @@ def run(args) -> int:
             flush=True,
         )
     path = resolve_model_path(args.model, args.config)
+    device = resolve_device(args.device)
+    # Once, at start: --fast reads the record af2 fast-settings made for --model (the files the user named, not the
+    # conversion cache), and a reload through /load_model keeps these settings.
+    loading_options = model_loading_options(device, args.dtype, args.fast, args.quantization, model_id=args.model)
 
     def load():
-        return load_served_model(
-            path, args.device, args.dtype, args.quantization, args.attn_implementation, fast=args.fast
-        )
+        return load_served_model(path, device, loading_options, args.attn_implementation)
 
     model, processor = load()
     served_names = list(dict.fromkeys([args.model, path]))

@@ -49,18 +49,15 @@ def resolve_model_path(model: str, original_config: str | None = None) -> str:
     return str(cached_conversion(model, **options))
 
 
-def load_served_model(path: str, device: str = "auto", dtype: str = "auto", quantization: str | None = None,
-                      attn_implementation: str | None = None, fast: bool = False):  # fmt: skip
+def load_served_model(path: str, device, loading_options: dict, attn_implementation: str | None = None):
     """`(model, processor)` of a checkpoint of any family (`transformers_af2.families`), placed on `device`, loaded as
-    every command loads it (`loading.load_model_and_processor`: `--dtype`, `--fast`, `--quantization`), in eval
-    mode."""
-    from ..loading import load_model_and_processor, model_loading_options, resolve_device
+    every command loads it (`loading.load_model_and_processor`) with `loading_options`: what
+    `loading.model_loading_options` made of `--dtype`, `--fast` and `--quantization` when the server started, so that a
+    reload (`/load_model`) takes the same settings whatever `af2 fast-settings` recorded since. In eval mode."""
+    from ..loading import load_model_and_processor
 
-    place = resolve_device(device)
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return load_model_and_processor(
-        path, device=place, **model_loading_options(place, dtype, fast, quantization, model_id=path), **options
-    )
+    return load_model_and_processor(path, device=device, **loading_options, **options)
 
 
 __all__ = ["API_KEY_ENV", "LOCAL_HOSTS", "check_serve_dependencies", "load_served_model", "resolve_model_path"]
