@@ -200,6 +200,14 @@ def test_weights_fingerprint_and_record_differences(repo_copy, tmp_path):
     assert record_differences(first, second) == [
         f"files.{name}: was {first['files'][name]!r}, now {second['files'][name]!r}"
     ]
+    # The chat template is part of the model: it makes the prompt the AF3 family is asked in.
+    template = repo_copy / "chat_template.jinja"
+    assert "chat_template.jinja" in second["files"]
+    template.write_text(template.read_text() + "\n{# edited #}")
+    assert record_differences(second, model_fingerprint(model, repo_copy)) == [
+        f"files.chat_template.jinja: was {second['files']['chat_template.jinja']!r}, "
+        f"now {model_fingerprint(model, repo_copy)['files']['chat_template.jinja']!r}"
+    ]
     # A model object without a directory: a digest of its parameters, which any change moves.
     loose = model_fingerprint(model, None)
     with torch.no_grad():

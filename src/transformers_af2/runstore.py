@@ -211,7 +211,10 @@ def sampled_sha256(path: str | os.PathLike) -> str:
     return f"{size}:{digest.hexdigest()}"
 
 
-_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".yaml", ".yml", ".model", ".txt")
+# Weights, configs, tokenizers, and chat templates (`chat_template.jinja`: the prompt an AF3-family model is asked in).
+_MODEL_FILE_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".yaml", ".yml", ".model", ".txt", ".jinja",
+)  # fmt: skip
 
 
 def model_directory_files(directory: Path) -> dict[str, str]:
