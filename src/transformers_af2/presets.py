@@ -34,7 +34,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 # A candidate keeps the answers when at least this share of float32's greedy answer tokens are its own, position by
@@ -144,23 +143,8 @@ def candidate_settings(
     return settings
 
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 # The CPU features a measurement depends on beyond the model name (which can be as vague as "AMD EPYC").
 _CPU_FEATURES = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}
-
-
-def _hub_snapshot_commit(directory: Path) -> str | None:
-    """The commit of a snapshot in a hub cache (`models--*/snapshots/<40 hex digits>`), whose files the hub client
-    never rewrites; None for any other directory, even one named like it."""
-    resolved = directory.resolve()
-    snapshots = resolved.parent
-    if (
-        snapshots.name == "snapshots"
-        and snapshots.parent.name.startswith("models--")
-        and _COMMIT.fullmatch(resolved.name)
-    ):
-        return resolved.name
-    return None
 
 
 def model_files_identity(model_id) -> dict | None:
@@ -170,11 +154,12 @@ def model_files_identity(model_id) -> dict | None:
     (`runstore.model_directory_files`). None for a hub id not in the local cache (it was never measured here) and for
     a path that does not exist.
     """
+    from .convert.source import source_revision
     from .runstore import model_directory_files
 
     path = Path(os.path.expanduser(str(model_id)))
     if path.is_dir():
-        commit = _hub_snapshot_commit(path)
+        commit = source_revision(path)
         return {"hub_revision": commit} if commit else {"files": model_directory_files(path)}
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError

@@ -230,7 +230,8 @@ def use_int8_cpu_kernel(model) -> int:
     Routes the forward of every layer of `model` that holds torchao int8 weight-only weights (`--quantization int8`,
     `quantization_config("int8")`, or a saved int8 checkpoint) through `int8_weight_only_product`, per instance: the
     layers keep their class, weights and state-dict names (`modeling.cpu_linear.route_forward`, which also routes the
-    plain layers' kernels). `AudioFlamingo2ForConditionalGeneration.from_pretrained` calls it; call it after quantizing a model yourself (`torchao.quantize_`). Returns how many layers it routed.
+    plain layers' kernels). `AudioFlamingo2ForConditionalGeneration.from_pretrained` calls it; call it after
+    quantizing a model yourself (`torchao.quantize_`). Returns how many layers it routed.
     """
     from .modeling.cpu_linear import route_forward
 

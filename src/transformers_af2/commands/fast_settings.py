@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 
+from ..fast_measurement import DEFAULT_PROMPT
 from .options import (
     HelpFormatter,
+    add_device_arguments,
     add_model_arguments,
     display,
     non_empty,
@@ -47,11 +49,9 @@ def add_parser(subparsers) -> None:
         ),
     )
     add_model_arguments(parser)
-    parser.add_argument(
-        "--device", default="auto", help='"cpu", "cuda", "cuda:1", ...; "auto" takes the GPU when there is one'
-    )
+    add_device_arguments(parser, dtype=False)  # each setting names its dtype
     parser.add_argument("--audio", action="append", type=non_empty("--audio"), metavar="FILE", help="a clip (repeat)")
-    parser.add_argument("--prompt", type=question, default=None, help="the question asked about every clip")
+    parser.add_argument("--prompt", type=question, default=DEFAULT_PROMPT, help="the question asked about every clip")
     parser.add_argument(
         "--new-tokens", type=positive_int, default=32, metavar="N", help="most tokens per answer (default 32)"
     )
@@ -74,14 +74,15 @@ def _check_model_names_something(model: str) -> None:
     """A --model that is neither an existing path nor a hub id is a typo: say so, rather than measure nothing or show
     the device table as if the model had no record."""
     import os
-    import re
 
-    if not os.path.exists(os.path.expanduser(model)) and not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+    from ..convert.source import HUB_ID
+
+    if not os.path.exists(os.path.expanduser(model)) and not HUB_ID.fullmatch(model):
         raise ValueError(f"--model {display(model)}: no such directory, and not a hub id (ORG/NAME).")
 
 
 def run(args) -> int:
-    from ..fast_measurement import DEFAULT_PROMPT, measure_fast_settings
+    from ..fast_measurement import measure_fast_settings
     from ..loading import resolve_device
     from ..presets import fast_settings, setting_name
 
@@ -99,7 +100,7 @@ def run(args) -> int:
                 raise ValueError(f"--audio {problem}")
         audio = {display(path): path for path in args.audio}
     record = measure_fast_settings(
-        args.model, device, audio=audio, prompt=args.prompt or DEFAULT_PROMPT, new_tokens=args.new_tokens,
+        args.model, device, audio=audio, prompt=args.prompt, new_tokens=args.new_tokens,
         candidates=args.candidates, original_config=args.config,
         report=lambda line: print(f"af2 fast-settings: {line}", file=sys.stderr, flush=True),
     )  # fmt: skip

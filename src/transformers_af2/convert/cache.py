@@ -31,7 +31,7 @@ def _content_stamp(value) -> str:
     if path.is_file():
         return "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
     if path.is_dir():
-        commit = source_revision(path.resolve()) or source_revision(path)
+        commit = source_revision(path)
         if commit is not None:
             return f"snapshot:{commit}"
         files = sorted(p for p in path.rglob("*") if p.is_file())

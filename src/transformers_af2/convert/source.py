@@ -76,9 +76,21 @@ def resolve_source(
         ) from error
 
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 def source_revision(directory: Path) -> str | None:
-    """The commit of a hub snapshot (`.../snapshots/<commit>`), None for any other directory."""
-    return directory.name if directory.parent.name == "snapshots" else None
+    """The commit of a snapshot in a hub cache (`models--*/snapshots/<40 hex digits>`, whose files the hub client never
+    rewrites), None for any other directory, even one named like it (`x/snapshots/latest` is named by its files)."""
+    resolved = Path(directory).resolve()
+    snapshots = resolved.parent
+    if (
+        snapshots.name == "snapshots"
+        and snapshots.parent.name.startswith("models--")
+        and _COMMIT.fullmatch(resolved.name)
+    ):
+        return resolved.name
+    return None
 
 
 def load_clap_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
