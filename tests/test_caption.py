@@ -246,6 +246,30 @@ def test_other_settings_into_the_same_output_are_an_error(loaded, tmp_path, caps
     assert len(_read_jsonl(out)) == 1
 
 
+def test_a_resume_with_another_original_config_is_refused(loaded, tmp_path, monkeypatch):
+    """An original-layout checkpoint is converted with the `--config` YAML (its sizes and base model): the YAML's
+    content is part of the run's model, so a resume with other YAML content is refused naming it, and the same
+    content under another name resumes."""
+    fixture = loaded[0]
+    monkeypatch.setenv("AF2_CACHE", str(tmp_path / "cache"))
+    clip = _noise(tmp_path / "a.wav", 0.5, 0)
+    out = tmp_path / "out.jsonl"
+    options = {"model": str(fixture.fixture_dir / "original"), "prompts": [PROMPT], "max_new_tokens": NEW_TOKENS,
+               "num_workers": 0, "progress": False, "device": "cpu"}  # fmt: skip
+    assert caption([clip], out, config=str(fixture.yaml_path), **options).done == 1
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(fixture.yaml_path.read_text() + "\n# edited\n")
+    with pytest.raises(ValueError, match=r"other settings or data: model\.original_config: was '\d+:[0-9a-f]{64}', "):
+        caption([clip], out, config=str(edited), **options)
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(fixture.yaml_path.read_text())
+    summary = caption([clip], out, config=str(renamed), **options)
+    assert (summary.done, summary.skipped) == (0, 1)
+    # A loaded model was not loaded with a YAML: naming one is a mistake, not a setting.
+    with pytest.raises(ValueError, match="takes no config"):
+        _run(loaded, [clip], tmp_path / "other.jsonl", config=str(fixture.yaml_path))
+
+
 def test_torn_last_line_is_dropped_and_regenerated(loaded, tmp_path):
     clips = [_noise(tmp_path / f"c{i}.wav", 0.5, i) for i in range(3)]
     out = tmp_path / "out.jsonl"

@@ -170,6 +170,28 @@ def test_a_recorded_quantization_is_loaded_by_fast_with_its_dtype_only(measured,
     assert (without_fast["dtype"], without_fast["quantization"]) == (torch.float32, None)
 
 
+def test_a_command_says_what_fast_took_before_a_refused_resume(measured, tmp_path, monkeypatch, capsys):
+    """`--fast` on a command prints what it took and why: here a caption run started in float32 and resumed with
+    `--fast` after a measurement chose bfloat16 + int8 is refused, and the line before the refusal says that the
+    record made the change."""
+    pytest.importorskip("torchao")
+    fixture, _, _ = measured
+    cache = tmp_path / "cache"
+    write_record({**_RECORD, "model": model_files_identity(fixture.repo), "machine": machine_identity("cpu")}, cache)
+    monkeypatch.setenv("AF2_CACHE", str(cache))
+    out = tmp_path / "captions.jsonl"
+    argv = ["caption", str(fixture.wav(1)), "--model", str(fixture.repo), "--prompt", "Describe the audio.", "-o",
+            str(out), "--max-new-tokens", "2", "--device", "cpu", "--num-workers", "0", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--fast"]) == 2
+    err = capsys.readouterr().err
+    took = "af2 caption: --fast: bfloat16+int8 (measured for this model on this machine (2026-12-07 08:00:00))"
+    assert took in err
+    refusal = next(line for line in err.splitlines() if line.startswith("af2 caption: error: "))
+    assert err.index(took) < err.index(refusal) and "model.dtype: was 'float32', now 'bfloat16 quantized " in refusal
+
+
 def test_hub_ids_are_named_by_their_snapshot_commit(tmp_path, monkeypatch):
     """A hub id in the local hub cache is named by its snapshot's commit; one not in the cache has no record (it was
     never measured here) and nothing is downloaded to find out."""
@@ -255,6 +277,25 @@ def test_a_damaged_records_file_leaves_fast_on_the_device_table(converted_fixtur
         assert [k.read_text() for k in kept] == [content]  # the damaged file is kept, not overwritten
     else:
         assert kept == []  # a valid file: its bad entries are left out
+
+
+def test_the_config_yaml_is_part_of_the_models_identity(converted_fixture, tmp_path):
+    """An original-layout checkpoint is loaded with its `--config` YAML: a record measured with one YAML is taken with
+    the same content only (under any name), not with other content or without it; a YAML that does not exist names
+    nothing."""
+    repo, yaml_path = str(converted_fixture.repo), converted_fixture.yaml_path
+    renamed, edited = tmp_path / "renamed.yaml", tmp_path / "edited.yaml"
+    renamed.write_text(yaml_path.read_text())
+    edited.write_text(yaml_path.read_text() + "\n# edited\n")
+    identity = model_files_identity(repo, yaml_path)
+    assert identity == {**model_files_identity(repo), "original_config": identity["original_config"]}
+    write_record({**_RECORD, "model": identity, "machine": machine_identity("cpu")}, tmp_path)
+    assert measured_record(repo, "cpu", tmp_path, yaml_path)["choice"] == _RECORD["choice"]
+    assert measured_record(repo, "cpu", tmp_path, renamed) is not None
+    assert measured_record(repo, "cpu", tmp_path, edited) is None
+    assert measured_record(repo, "cpu", tmp_path) is None
+    assert model_files_identity(repo, tmp_path / "missing.yaml") is None
+    assert fast_settings("cpu", model_id=repo, cache_dir=tmp_path, original_config=edited).reason.startswith("CPU")
 
 
 _WRITER = """

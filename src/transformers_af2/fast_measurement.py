@@ -107,7 +107,9 @@ def measure_fast_settings(
     quantizable = detect_family(os.path.expanduser(str(model_id))) is AudioFlamingo2Family
     candidates = list(candidates or candidate_settings(device, quantizable=quantizable))
     settings = [("float32", None)] + [c for c in candidates if c != ("float32", None)]
-    identity = model_files_identity(model_id)  # None for a hub id not downloaded yet: the first load fetches it
+    identity = model_files_identity(
+        model_id, original_config
+    )  # None for a hub id not downloaded yet: the first load fetches it
     measurements, reference = [], None
     for dtype_name, scheme in settings:
         name = setting_name(dtype_name, scheme)
@@ -157,7 +159,7 @@ def measure_fast_settings(
             f"{total} tokens ({entry['agreement']['identical_answers']} of {len(reference)} answers identical)"
         )
     chosen = choose_setting(measurements)
-    measured_files = model_files_identity(model_id)
+    measured_files = model_files_identity(model_id, original_config)
     if identity is not None and measured_files != identity:
         raise ValueError(
             f"{model_id}: its files changed while they were measured (each setting loads them again); nothing was "

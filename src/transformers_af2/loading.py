@@ -35,19 +35,25 @@ def resolve_device(name: str):
 
 
 def model_loading_options(
-    device, dtype: str = "auto", fast: bool = False, quantization: str | None = None, model_id=None
+    device,
+    dtype: str = "auto",
+    fast: bool = False,
+    quantization: str | None = None,
+    model_id=None,
+    original_config=None,
 ) -> dict:
     """
     The `dtype`, `quantization` and `linear_kernels` arguments of `load_model_and_processor` from a command's
     `--dtype`, `--fast` and `--quantization` (one place for every command). `--fast` (`presets.fast_settings`) picks
     the CPU linear kernels, and the dtype when `--dtype` is auto; with that dtype, the quantization `af2
-    fast-settings` measured for `model_id` on this machine, when the command gives none.
+    fast-settings` measured for `model_id` (loaded with `original_config`, `--config`) on this machine, when the
+    command gives none.
     """
     from .presets import fast_settings, setting_name
 
     if not fast:
         return {"dtype": parse_dtype(dtype, device), "quantization": quantization, "linear_kernels": None}
-    choice = fast_settings(device, model_id=model_id)
+    choice = fast_settings(device, model_id=model_id, original_config=original_config)
     if dtype == "auto":
         dtype = choice.dtype
         quantization = quantization if quantization is not None else choice.quantization

@@ -9,8 +9,8 @@ Two sources, the first that applies:
    answer tokens are its own at the same positions (`AGREEMENT_RULE`), and `--fast` takes the fastest of those
    (`choose_setting`). The record (`<cache>/fast-settings.json`, the conversion cache: `$AF2_CACHE` or
    `$HF_HOME/transformers_af2`) names the model's files (a hub snapshot's commit, or a local directory's sampled
-   file hashes), the machine (device, CPU model, PyTorch, threads) and every measurement; another model, changed
-   files or another machine find no record and fall back to the table.
+   file hashes, and the `--config` YAML it is converted with), the machine (device, CPU model, PyTorch, threads) and
+   every measurement; another model, changed files or another machine find no record and fall back to the table.
 2. **The table per kind of device**, from the benchmarks (`benchmarks/README.md`, "Precision, quantization and
    kernels"):
 
@@ -43,6 +43,8 @@ AGREEMENT_RULE = 0.97
 # measurement is noisy, and a choice that flips between runs would change answers from run to run.
 SPEED_MARGIN = 0.95
 RECORDS_FILE = "fast-settings.json"
+# The CPU feature flags that mean native bfloat16 dot products (elsewhere bfloat16 is emulated, slower than float32).
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +69,20 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def fast_settings(device, flags: set[str] | None = None, model_id=None, cache_dir=None) -> FastSettings:
+def fast_settings(
+    device, flags: set[str] | None = None, model_id=None, cache_dir=None, original_config=None
+) -> FastSettings:
     """
     The `--fast` settings for `device` (a `torch.device` or string): the record `af2 fast-settings` measured for
-    `model_id` on this machine, if there is one, else the table above (`flags`: the CPU's, default this one's).
+    `model_id` (loaded with `original_config`, `--config`) on this machine, if there is one, else the table above
+    (`flags`: the CPU's, default this one's).
     """
     import torch
 
     device = torch.device(device)
     kernels = "auto" if device.type == "cpu" else None
     if model_id is not None:
-        record = measured_record(model_id, device, cache_dir)
+        record = measured_record(model_id, device, cache_dir, original_config)
         if record is not None:
             choice = record["choice"]
             return FastSettings(
@@ -87,7 +92,7 @@ def fast_settings(device, flags: set[str] | None = None, model_id=None, cache_di
     if device.type != "cpu":
         return FastSettings("bfloat16", None, "accelerator: bfloat16")
     flags = cpu_flags() if flags is None else flags
-    native_bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    native_bf16 = sorted(flags & NATIVE_BF16_FLAGS)
     if native_bf16:
         return FastSettings("bfloat16", "auto", f"CPU with {' and '.join(native_bf16)}: bfloat16, measured kernels")
     return FastSettings("float32", "auto", "CPU without native bfloat16: float32, measured kernels")
@@ -131,7 +136,7 @@ def candidate_settings(
 
     device = torch.device(device)
     flags = cpu_flags() if flags is None else flags
-    if device.type == "cpu" and not flags & {"avx512_bf16", "amx_bf16"}:
+    if device.type == "cpu" and not flags & NATIVE_BF16_FLAGS:
         return [("float32", None)]  # bfloat16 is emulated there, and the int8/int4 kernels take bfloat16
     settings = [("float32", None), ("bfloat16", None)]
     if quantizable and importlib.util.find_spec("torchao") is not None:
@@ -147,20 +152,28 @@ def candidate_settings(
 _CPU_FEATURES = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}
 
 
-def model_files_identity(model_id) -> dict | None:
+def model_files_identity(model_id, original_config=None) -> dict | None:
     """
     What names a model's files in a record: a hub snapshot's commit (a hub id in the local hub cache, or a snapshot
     directory of a hub cache), or the sampled hashes of a local directory's weight, config and tokenizer files
-    (`runstore.model_directory_files`). None for a hub id not in the local cache (it was never measured here) and for
-    a path that does not exist.
+    (`runstore.model_directory_files`), and the `--config` YAML it is loaded with (`original_config`). None for a hub
+    id not in the local cache (it was never measured here) and for a path or YAML that does not exist.
     """
     from .convert.source import source_revision
-    from .runstore import model_directory_files
+    from .runstore import model_directory_files, original_config_identity
 
+    try:
+        with_config = original_config_identity(original_config)
+    except FileNotFoundError:
+        return None
     path = Path(os.path.expanduser(str(model_id)))
     if path.is_dir():
         commit = source_revision(path)
-        return {"hub_revision": commit} if commit else {"files": model_directory_files(path)}
+        return (
+            {"hub_revision": commit, **with_config}
+            if commit
+            else {"files": model_directory_files(path), **with_config}
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
@@ -168,7 +181,7 @@ def model_files_identity(model_id) -> dict | None:
         snapshot = snapshot_download(str(model_id), local_files_only=True)
     except (HFValidationError, LocalEntryNotFoundError, OSError):
         return None
-    return {"hub_revision": Path(snapshot).name}
+    return {"hub_revision": Path(snapshot).name, **with_config}
 
 
 def machine_identity(device) -> dict:
@@ -239,13 +252,14 @@ def _read_records(path: Path) -> list[dict]:
     return valid
 
 
-def measured_record(model_id, device, cache_dir=None) -> dict | None:
-    """The record `af2 fast-settings` wrote for `model_id`'s files on this machine, or None (also, with a warning
-    naming it, when the records file is unreadable: `--fast` then takes the device table)."""
+def measured_record(model_id, device, cache_dir=None, original_config=None) -> dict | None:
+    """The record `af2 fast-settings` wrote for `model_id`'s files (with `original_config`, `--config`) on this
+    machine, or None (also, with a warning naming it, when the records file is unreadable: `--fast` then takes the
+    device table)."""
     path = _records_path(cache_dir)
     if not path.is_file():
         return None
-    identity = model_files_identity(model_id)
+    identity = model_files_identity(model_id, original_config)
     if identity is None:
         return None
     try:

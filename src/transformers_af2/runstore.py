@@ -229,12 +229,24 @@ def model_directory_files(directory: Path) -> dict[str, str]:
     return files
 
 
-def model_fingerprint(model, model_id: str | os.PathLike | None) -> dict:
+def original_config_identity(original_config: str | os.PathLike | None) -> dict:
+    """The part of a model's identity that `--config` adds: the original inference YAML that an original-layout
+    checkpoint is converted with (the model's sizes and base model come from it), by `sampled_sha256`; `{}` without
+    one. A FileNotFoundError when it does not exist."""
+    if original_config is None:
+        return {}
+    return {"original_config": sampled_sha256(Path(os.path.expanduser(str(original_config))))}
+
+
+def model_fingerprint(
+    model, model_id: str | os.PathLike | None, original_config: str | os.PathLike | None = None
+) -> dict:
     """
     What identifies the weights a run used, with their dtype and, for a quantized model, its quantization config:
     - a hub snapshot: its commit (`hub_revision`);
     - a local directory: `sampled_sha256` of every weight, config and tokenizer file in it (sub-folders included);
     - a model object without either: the SHA-256 of all its parameters and buffers (read once per run).
+    With `original_config` (`--config`, loading `model_id` from the original layout), that YAML too.
     """
     dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
     quantizer = getattr(model, "hf_quantizer", None)
@@ -243,9 +255,19 @@ def model_fingerprint(model, model_id: str | os.PathLike | None) -> dict:
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
     directory = Path(os.path.expanduser(str(model_id))) if model_id is not None else None
     if directory is not None and directory.is_dir():
-        return {"id": str(directory.resolve()), "dtype": dtype, "files": model_directory_files(directory)}
+        return {
+            "id": str(directory.resolve()),
+            "dtype": dtype,
+            "files": model_directory_files(directory),
+            **original_config_identity(original_config),
+        }
     if commit:
-        return {"id": str(model_id), "dtype": dtype, "hub_revision": commit}
+        return {
+            "id": str(model_id),
+            "dtype": dtype,
+            "hub_revision": commit,
+            **original_config_identity(original_config),
+        }
     import torch
 
     digest = hashlib.sha256()

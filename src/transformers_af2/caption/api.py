@@ -126,15 +126,18 @@ def caption(
                 model_id,
                 device=resolved_device,
                 original_config=config,
-                **model_loading_options(resolved_device, dtype, fast, quantization, model_id=model_id),
+                **model_loading_options(resolved_device, dtype, fast, quantization, model_id, config),
             )
         else:
             if processor is None:
                 raise ValueError("caption(model=<loaded model>) needs its processor too: pass processor=.")
+            if config is not None:
+                raise ValueError("caption(model=<loaded model>) takes no config: it is for loading an original-layout "
+                                 "checkpoint by id.")  # fmt: skip
             model_id = model.name_or_path
         generate_kwargs = generation_settings(model, max_new_tokens, do_sample, top_k, top_p, temperature)
         # A directory is recorded by its resolved path, so that a rerun from another folder matches.
-        settings = {"model": model_fingerprint(model, model_id), "generation": generate_kwargs}
+        settings = {"model": model_fingerprint(model, model_id, config), "generation": generate_kwargs}
         if do_sample and seed is not None:
             settings["seed"] = seed
         if seed is not None:

@@ -11,7 +11,9 @@ command being run has its parser built, and no module here imports torch or tran
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import os
 import sys
 
@@ -65,10 +67,30 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
+@contextlib.contextmanager
+def _loading_choices_reported(command: str):
+    """Prints, on stderr, the settings `transformers_af2.loading` chose for the user (what `--fast` took, and why) as
+    `af2 COMMAND: ...` lines: a run whose settings come from a measurement must say so, or a refused resume or a
+    changed answer has no visible cause."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"af2 {command}: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("transformers_af2.loading")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs a parsed command: errors in one line (exit status 2), Ctrl-C as exit status 130."""
     try:
-        return args.handler(args)
+        with _loading_choices_reported(args.command):
+            return args.handler(args)
     except KeyboardInterrupt:
         print(f"af2 {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -51,7 +51,7 @@ def run(args) -> int:
         args.model,
         device=device,
         original_config=args.config,
-        **model_loading_options(device, args.dtype, args.fast, args.quantization, model_id=args.model),
+        **model_loading_options(device, args.dtype, args.fast, args.quantization, args.model, args.config),
     )
     answerer = AudioQuestionAnswerer(model, processor, max_cached_clips=args.max_cached_clips)
     soundcot = answerer.family.supports_soundcot_repair and "soundcot" in str(args.model).lower()

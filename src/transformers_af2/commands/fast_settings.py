@@ -89,7 +89,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     _check_model_names_something(args.model)
     if args.show:
-        choice = fast_settings(device, model_id=args.model)
+        choice = fast_settings(device, model_id=args.model, original_config=args.config)
         print(f"--fast for {display(args.model)} on {device}: {setting_name(choice.dtype, choice.quantization)} "
               f"({choice.reason})")  # fmt: skip
         return 0

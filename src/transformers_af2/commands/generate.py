@@ -148,7 +148,7 @@ def run(args) -> int:
             args.model,
             device=device,
             original_config=args.config,
-            **model_loading_options(device, args.dtype, args.fast, args.quantization, model_id=args.model),
+            **model_loading_options(device, args.dtype, args.fast, args.quantization, args.model, args.config),
         )
         _check_max_new_tokens(args.max_new_tokens, model)
         pipe = pipeline(TASK, model=model, processor=processor, device=device)

@@ -148,7 +148,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     # Once, at start: --fast reads the record af2 fast-settings made for --model (the files the user named, not the
     # conversion cache), and a reload through /load_model keeps these settings.
-    loading_options = model_loading_options(device, args.dtype, args.fast, args.quantization, model_id=args.model)
+    loading_options = model_loading_options(device, args.dtype, args.fast, args.quantization, args.model, args.config)
 
     def load():
         return load_served_model(path, device, loading_options, args.attn_implementation)
