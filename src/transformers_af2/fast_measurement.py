@@ -107,9 +107,8 @@ def measure_fast_settings(
     quantizable = detect_family(os.path.expanduser(str(model_id))) is AudioFlamingo2Family
     candidates = list(candidates or candidate_settings(device, quantizable=quantizable))
     settings = [("float32", None)] + [c for c in candidates if c != ("float32", None)]
-    identity = model_files_identity(
-        model_id, original_config
-    )  # None for a hub id not downloaded yet: the first load fetches it
+    # None for a hub id not downloaded yet: the first load fetches it.
+    identity = model_files_identity(model_id, original_config)
     measurements, reference = [], None
     for dtype_name, scheme in settings:
         name = setting_name(dtype_name, scheme)

@@ -169,11 +169,8 @@ def model_files_identity(model_id, original_config=None) -> dict | None:
     path = Path(os.path.expanduser(str(model_id)))
     if path.is_dir():
         commit = source_revision(path)
-        return (
-            {"hub_revision": commit, **with_config}
-            if commit
-            else {"files": model_directory_files(path), **with_config}
-        )
+        files = {"hub_revision": commit} if commit else {"files": model_directory_files(path)}
+        return {**files, **with_config}
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
