@@ -13,7 +13,7 @@ import torch
 from transformers_af2.caption import RunStore, caption, discover_clips, jobs_for_clips, row_id
 from transformers_af2.caption.engine import BatchGenerator, ClipReader, length_grouped_batches, stop_reasons
 from transformers_af2.commands import main
-from transformers_af2.runstore import read_jsonl_lines
+from transformers_af2.runstore import model_fingerprint, read_jsonl_lines
 
 PROMPT = "Describe the audio."
 NEW_TOKENS = 3
@@ -265,6 +265,14 @@ def test_a_resume_with_another_original_config_is_refused(loaded, tmp_path, monk
     renamed.write_text(fixture.yaml_path.read_text())
     summary = caption([clip], out, config=str(renamed), **options)
     assert (summary.done, summary.skipped) == (0, 1)
+    # Loaded from a hub id through the conversion cache, a model is fingerprinted by its parameters: the YAML, which
+    # also sets what is not a parameter (the processor's windows), is part of that fingerprint too.
+    by_parameters = model_fingerprint(loaded[1], "af2test/original-layout", fixture.yaml_path)
+    assert (
+        "parameters" in by_parameters
+        and by_parameters["original_config"]
+        == model_fingerprint(loaded[1], str(fixture.fixture_dir / "original"), fixture.yaml_path)["original_config"]
+    )
     # A loaded model was not loaded with a YAML: naming one is a mistake, not a setting.
     with pytest.raises(ValueError, match="takes no config"):
         _run(loaded, [clip], tmp_path / "other.jsonl", config=str(fixture.yaml_path))

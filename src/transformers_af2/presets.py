@@ -157,14 +157,15 @@ def model_files_identity(model_id, original_config=None) -> dict | None:
     What names a model's files in a record: a hub snapshot's commit (a hub id in the local hub cache, or a snapshot
     directory of a hub cache), or the sampled hashes of a local directory's weight, config and tokenizer files
     (`runstore.model_directory_files`), and the `--config` YAML it is loaded with (`original_config`). None for a hub
-    id not in the local cache (it was never measured here) and for a path or YAML that does not exist.
+    id not in the local cache (it was never measured here), for a path that does not exist and a YAML that cannot be
+    read.
     """
     from .convert.source import source_revision
     from .runstore import model_directory_files, original_config_identity
 
     try:
         with_config = original_config_identity(original_config)
-    except FileNotFoundError:
+    except OSError:  # not there, a directory, unreadable: the loading that follows says which
         return None
     path = Path(os.path.expanduser(str(model_id)))
     if path.is_dir():

@@ -232,10 +232,10 @@ def model_directory_files(directory: Path) -> dict[str, str]:
 def original_config_identity(original_config: str | os.PathLike | None) -> dict:
     """The part of a model's identity that `--config` adds: the original inference YAML that an original-layout
     checkpoint is converted with (the model's sizes and base model come from it), by `sampled_sha256`; `{}` without
-    one. A FileNotFoundError when it does not exist."""
+    one. An OSError when it cannot be read. The path is taken as written, as the converter takes it."""
     if original_config is None:
         return {}
-    return {"original_config": sampled_sha256(Path(os.path.expanduser(str(original_config))))}
+    return {"original_config": sampled_sha256(Path(original_config))}
 
 
 def model_fingerprint(
@@ -279,6 +279,8 @@ def model_fingerprint(
         "id": str(model_id or getattr(model, "name_or_path", "")),
         "dtype": dtype,
         "parameters": digest.hexdigest(),
+        # The YAML also sets what is not a parameter (the processor's windows: clap_config).
+        **original_config_identity(original_config),
     }
 
 

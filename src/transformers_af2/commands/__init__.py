@@ -76,14 +76,16 @@ def _loading_choices_reported(command: str):
     handler.setFormatter(logging.Formatter(f"af2 {command}: %(message)s"))
     handler.setLevel(logging.INFO)
     logger = logging.getLogger("transformers_af2.loading")
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # once: a caller's own logging setup would print the line a second time
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def run(args: argparse.Namespace) -> int:
